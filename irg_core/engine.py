@@ -1,0 +1,240 @@
+"""The engine's primitives over KV contexts: prefill text and images, decode text, draw an image.
+
+Each primitive takes a `Context` and returns a new one (or tokens / a latent); contexts live in one paged
+KV pool (`irg_core.kv_cache`) and share prefixes for free. The recipes that chain these primitives into a
+trajectory are in `irg_core.trajectory`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from irg_core.attention import AttnMeta, Seq
+from irg_core.errors import Cancelled
+from irg_core.kv_cache import Context, KVPool, pages_needed
+from irg_core.loader import LoadedModel
+from irg_core.params import RoundGuidance
+from irg_core.sampling import cfg_active, cfg_combine, sample_flow, timesteps
+from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
+
+DEFAULT_PAGE_SIZE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Branches:
+    """The contexts of one image round: conditional, without text, without the image (None: unused)."""
+
+    cond: Context
+    no_text: Context | None = None
+    no_img: Context | None = None
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, page_size: int = DEFAULT_PAGE_SIZE):
+        self.m = loaded
+        self.model, self.vae, self.tok = loaded.model, loaded.vae, loaded.tokenizer
+        self.cfg = loaded.cfg
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.page_size = page_size
+        self.pool: KVPool | None = None
+        # KV is bfloat16 as in the official code; on CPU it is kept in float32 holding bfloat16 values.
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+
+    # -- pool ---------------------------------------------------------------------------------------
+    def reset_pool(self, tokens: int, segments: int) -> KVPool:
+        """An empty pool with room for `tokens` in `segments` separately grown pieces (reused when big enough)."""
+        pages = pages_needed(tokens, self.page_size) + segments + 2
+        if self.pool is None or self.pool.num_pages < pages:
+            self.pool = None  # free the old buffers first
+            self.pool = KVPool(self.cfg.llm, pages, self.page_size, self.device, self.kv_dtype)
+        self.pool.reset()
+        return self.pool
+
+    def _forward(self, x: Tensor, positions: Tensor, slots: Tensor, seqs: list[Seq], causal: bool,
+                 n_gen: int = 0, gen_mode: bool = False) -> Tensor:
+        assert self.pool is not None
+        meta = AttnMeta(seqs, causal)
+        return self.model.language_model(x, positions, n_gen, gen_mode, self.pool.layers, slots, meta)
+
+    def _markers(self) -> Tensor:
+        ids = torch.tensor([self.tok.special.start_of_image, self.tok.special.end_of_image], device=self.device)
+        return self.model.embed_tokens(ids)  # [2, hidden]
+
+    # -- prefill ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
+        """A [bos ... eos] text segment, causal, positions rope .. rope + n - 1."""
+        assert self.pool is not None
+        n = len(ids)
+        new, slots = self.pool.extend(ctx, n)
+        x = self.model.embed_tokens(torch.tensor(ids, device=self.device))
+        positions = torch.arange(ctx.rope, ctx.rope + n, device=self.device)
+        self._forward(x, positions, slots, [Seq(0, n, new.pages, new.length)], causal=True)
+        return new.advanced(n)
+
+    def _prefill_image_block(self, ctx: Context, rows: Tensor, gen: bool) -> Context:
+        """[start, rows, end] as one bidirectional block at a single RoPE position; rope advances by 1."""
+        assert self.pool is not None
+        n = rows.shape[0]
+        new, slots = self.pool.extend(ctx, n + 2)
+        markers = self._markers()
+        if gen:  # latent rows first (generation expert), then the two markers; cache order stays official
+            x = torch.cat([rows.to(markers.dtype), markers])
+            order = torch.cat([slots[1:n + 1], slots[[0, n + 1]]])
+        else:
+            x = torch.cat([markers[:1], rows.to(markers.dtype), markers[1:]])
+            order = slots
+        positions = torch.full((n + 2,), ctx.rope, device=self.device)
+        seqs = [Seq(0, n + 2, new.pages, new.length)]
+        self._forward(x, positions, order, seqs, causal=False, n_gen=n if gen else 0, gen_mode=gen)
+        return new.advanced(1)
+
+    @torch.inference_mode()
+    def vae_rows(self, image: Image.Image, eps_seed: int) -> tuple[Tensor, Tensor]:
+        """An image through the VAE transform and encoder (posterior noise from `eps_seed`): LLM rows at t=0."""
+        x = VAE_TRANSFORM(image)[None].to(self.device, self.vae.encoder.conv_in.weight.dtype)
+        _, _, hh, ww = x.shape
+        z = self.cfg.vae.z_channels
+        eps = torch.randn((1, z, hh // 8, ww // 8), generator=torch.Generator("cpu").manual_seed(eps_seed))
+        latent = self.vae.encode(x, eps.to(self.device))
+        p, d = self.cfg.latent_patch_size, self.cfg.latent_downsample
+        h, w = hh // d, ww // d
+        tokens = patchify(latent[0, :, :h * p, :w * p], p)  # [h*w, 64]
+        pos = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
+        t0 = torch.zeros((), device=self.device)
+        return self.model.latent_rows(tokens, t0, pos), latent
+
+    @torch.inference_mode()
+    def prefill_vae_image(self, ctx: Context, image: Image.Image, eps_seed: int) -> Context:
+        rows, _ = self.vae_rows(image, eps_seed)
+        return self._prefill_image_block(ctx, rows, gen=True)
+
+    @torch.inference_mode()
+    def vit_rows(self, image: Image.Image) -> Tensor:
+        x = VIT_TRANSFORM(image)
+        p = self.cfg.vit.patch_size
+        patches = patchify(x, p).to(self.device)
+        pos = grid_position_ids(x.shape[1] // p, x.shape[2] // p, self.cfg.vit_max_num_patch_per_side)
+        return self.model.vit_rows(patches, pos.to(self.device))
+
+    @torch.inference_mode()
+    def prefill_vit_image(self, ctx: Context, image: Image.Image) -> Context:
+        return self._prefill_image_block(ctx, self.vit_rows(image), gen=False)
+
+    # -- text ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, ctx: Context, max_tokens: int, temperature: float = 0.0, seed: int = 0,
+               on_token: Callable[[int], None] | None = None,
+               should_cancel: Callable[[], bool] | None = None,
+               on_logits: Callable[[Tensor], None] | None = None) -> list[int]:
+        """Generate up to `max_tokens` after `<|im_start|>`, stopping before `<|im_end|>`.
+
+        The decode rows live in the pool only during the call: the caller prefills the decoded text again
+        as its own segment, as the official recipe does.
+        """
+        assert self.pool is not None
+        mark = self.pool.mark()
+        try:
+            room, slots = self.pool.extend(ctx, max_tokens)
+            gen = torch.Generator(self.device).manual_seed(seed) if temperature > 0 else None
+            token = torch.tensor([self.tok.special.bos], device=self.device)
+            out: list[int] = []
+            for i in range(max_tokens):
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled()
+                pos = torch.tensor([ctx.rope + i], device=self.device)
+                h = self._forward(self.model.embed_tokens(token), pos, slots[i:i + 1],
+                                  [Seq(0, 1, room.pages, ctx.length + i + 1)], causal=True)
+                logits = self.model.logits(h)  # [1, vocab]
+                if on_logits is not None:
+                    on_logits(logits[0])
+                if gen is None:
+                    token = logits.argmax(dim=-1)
+                else:
+                    probs = (logits / temperature).float().softmax(dim=-1)
+                    token = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                value = int(token.item())
+                if value == self.tok.special.eos:
+                    break
+                out.append(value)
+                if on_token is not None:
+                    on_token(value)
+            return out
+        finally:
+            self.pool.release(mark)
+
+    # -- images -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
+                       noise: Tensor, on_step: Callable[[int, int], None] | None = None,
+                       should_cancel: Callable[[], bool] | None = None,
+                       observe: Callable[[str, int, Tensor], None] | None = None) -> Tensor:
+        """Denoise `noise` [N, 64] into a packed latent [N, 64]; all guidance branches of a step run as one
+        batched forward over the packed contexts."""
+        assert self.pool is not None
+        d = self.cfg.latent_downsample
+        h, w = height // d, width // d
+        n = h * w
+        ts = timesteps(steps, guidance.timestep_shift, self.device)
+        on = cfg_active(ts.cpu(), guidance.interval)
+        use_text = guidance.text_scale > 1.0 and branches.no_text is not None
+        use_img = use_text and guidance.image_scale > 1.0 and branches.no_img is not None
+        ctxs = [branches.cond] + ([branches.no_text] if use_text else []) + ([branches.no_img] if use_img else [])
+        pos = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
+        markers = self._markers()
+        mark = self.pool.mark()
+        try:
+            rooms = [self.pool.extend(c, n + 2) for c in ctxs]
+            batches = {k: self._image_batch(ctxs[:k], rooms[:k], n) for k in {1, len(ctxs)}}
+
+            def velocity(i: int, x: Tensor) -> Tensor:
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled()
+                k = len(ctxs) if on[i] else 1
+                positions, slots, seqs = batches[k]
+                rows = self.model.latent_rows(x, ts[i], pos)
+                q = torch.cat([rows.repeat(k, 1), markers.repeat(k, 1)])
+                hidden = self._forward(q, positions, slots, seqs, causal=False, n_gen=k * n, gen_mode=True)
+                vs = self.model.velocity(hidden[:k * n]).view(k, n, -1)
+                v_no_text = vs[1] if k > 1 else None
+                v_no_img = vs[2] if k > 2 else None
+                if observe is not None:
+                    for name, vb in zip(("cond", "no_text", "no_img"), vs):
+                        observe(name, i, vb)
+                v = cfg_combine(vs[0], v_no_text, v_no_img, guidance.text_scale if on[i] else 1.0,
+                                guidance.image_scale if on[i] else 1.0, guidance.renorm, guidance.renorm_min)
+                if observe is not None:
+                    observe("x_t", i, x)
+                    observe("v_t", i, v)
+                if on_step is not None:
+                    on_step(i + 1, steps - 1)
+                return v
+
+            return sample_flow(velocity, noise.to(self.device, self.dtype), ts)
+        finally:
+            self.pool.release(mark)
+
+    def _image_batch(self, ctxs: list[Context], rooms: list[tuple[Context, Tensor]],
+                     n: int) -> tuple[Tensor, Tensor, list[Seq]]:
+        """Positions, KV slots and sequences of k packed branches: latent rows of every branch, then markers."""
+        k = len(ctxs)
+        lat_slots = [slots[1:n + 1] for _, slots in rooms]
+        mark_slots = [slots[[0, n + 1]] for _, slots in rooms]
+        positions = torch.cat([torch.full((n,), c.rope) for c in ctxs] + [torch.full((2,), c.rope) for c in ctxs])
+        seqs = [Seq(b * n, (b + 1) * n, room.pages, room.length) for b, (room, _) in enumerate(rooms)]
+        seqs += [Seq(k * n + 2 * b, k * n + 2 * b + 2, room.pages, room.length) for b, (room, _) in enumerate(rooms)]
+        return positions.to(self.device), torch.cat(lat_slots + mark_slots), seqs
+
+    @torch.inference_mode()
+    def decode_latent(self, latent: Tensor, width: int, height: int) -> tuple[Tensor, np.ndarray]:
+        """Packed latent [N, 64] -> (decoder output [1, 3, H, W], HWC uint8 image)."""
+        d, p = self.cfg.latent_downsample, self.cfg.latent_patch_size
+        z = unpatchify(latent, height // d, width // d, p, self.cfg.vae.z_channels)
+        image = self.vae.decode(z.to(self.vae.decoder.conv_in.weight.dtype))
+        return image, to_uint8(image)

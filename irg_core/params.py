@@ -1,0 +1,179 @@
+"""Request-time knobs of a generation, and the events a trajectory reports.
+
+Pure Python (no torch): the HTTP API imports this module to resolve defaults and validate requests,
+and must stay light.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+Mode = Literal["irg", "think", "direct"]
+Renorm = Literal["global", "channel", "text_channel"]
+MODES: tuple[str, ...] = ("irg", "think", "direct")
+RENORMS: tuple[str, ...] = ("global", "channel", "text_channel")
+
+# Limits that hold for every BAGEL checkpoint; model-specific ones (largest side) come from the config.
+MAX_ROUNDS = 8
+MAX_STEPS = 200
+MAX_THINK_TOKENS = 4096
+MAX_GUIDANCE_SCALE = 100.0
+MAX_TIMESTEP_SHIFT = 100.0
+
+
+class ParamError(ValueError):
+    """A generation parameter is out of range; `field` names it."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class RoundGuidance:
+    """Guidance of one image round (BAGEL `generate_image` arguments)."""
+
+    text_scale: float = 4.0
+    image_scale: float = 1.0
+    interval: tuple[float, float] = (0.4, 1.0)
+    renorm: str = "global"
+    renorm_min: float = 0.0
+    timestep_shift: float = 3.0
+
+    def validate(self, where: str) -> None:
+        for name in ("text_scale", "image_scale", "renorm_min", "timestep_shift"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ParamError(f"{where}.{name}", "must be a finite number")
+        if not 0.0 <= self.text_scale <= MAX_GUIDANCE_SCALE:
+            raise ParamError(f"{where}.text_scale", f"must be within [0, {MAX_GUIDANCE_SCALE}]")
+        if not 0.0 <= self.image_scale <= MAX_GUIDANCE_SCALE:
+            raise ParamError(f"{where}.image_scale", f"must be within [0, {MAX_GUIDANCE_SCALE}]")
+        if not 0.0 <= self.renorm_min <= 1.0:
+            raise ParamError(f"{where}.renorm_min", "must be within [0, 1]")
+        if not 0.0 < self.timestep_shift <= MAX_TIMESTEP_SHIFT:
+            raise ParamError(f"{where}.timestep_shift", f"must be within (0, {MAX_TIMESTEP_SHIFT}]")
+        if self.renorm not in RENORMS:
+            raise ParamError(f"{where}.renorm", f"must be one of {', '.join(RENORMS)}")
+        lo, hi = self.interval
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
+            raise ParamError(f"{where}.interval", "must be [lo, hi] with 0 <= lo <= hi <= 1")
+
+
+# API.md defaults: round 1 text 4.0 on [0.4, 1] with global renorm; later rounds text 2.0 and image 2.0
+# (the paper's dual guidance) on [0, 1] with text_channel renorm; shift 3 everywhere.
+FIRST_ROUND = RoundGuidance(4.0, 1.0, (0.4, 1.0), "global", 0.0, 3.0)
+LATER_ROUND = RoundGuidance(2.0, 2.0, (0.0, 1.0), "text_channel", 0.0, 3.0)
+
+
+def default_guidance(round_index: int) -> RoundGuidance:
+    """Default guidance of image round `round_index` (1-based)."""
+    return FIRST_ROUND if round_index == 1 else LATER_ROUND
+
+
+def image_rounds(mode: str, rounds: int) -> int:
+    """How many images a trajectory draws."""
+    return rounds if mode == "irg" else 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Everything that determines one trajectory; with the seed fixed, the result is reproducible."""
+
+    prompt: str
+    mode: str = "irg"
+    rounds: int = 2
+    width: int = 1024
+    height: int = 1024
+    steps: int = 50
+    seed: int = 0
+    max_think_tokens: int = 1024
+    temperature: float = 0.0
+    guidance: tuple[RoundGuidance, ...] = ()
+    system_prompt: str | None = None  # None: the mode's own prompt (irg_core/data)
+
+    def resolved(self) -> GenerationParams:
+        """Fill guidance per image round with defaults; validate."""
+        n = image_rounds(self.mode, self.rounds) if self.mode in MODES else 0
+        given = list(self.guidance)
+        full = tuple(given[i] if i < len(given) else default_guidance(i + 1) for i in range(n))
+        out = replace(self, guidance=full)
+        out.validate()
+        return out
+
+    def validate(self, max_side: int | None = None) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ParamError("prompt", "must be a non-empty string")
+        if self.mode not in MODES:
+            raise ParamError("mode", f"must be one of {', '.join(MODES)}")
+        if self.mode == "irg" and not 2 <= self.rounds <= MAX_ROUNDS:
+            raise ParamError("rounds", f"must be within [2, {MAX_ROUNDS}] for mode irg")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                raise ParamError(name, "must be a positive multiple of 16")
+            if max_side is not None and value > max_side:
+                raise ParamError(name, f"must be at most {max_side} for this model")
+        if not 2 <= self.steps <= MAX_STEPS:
+            raise ParamError("steps", f"must be within [2, {MAX_STEPS}]")
+        if not 0 <= self.seed < 2**63:
+            raise ParamError("seed", "must be within [0, 2^63)")
+        if not 1 <= self.max_think_tokens <= MAX_THINK_TOKENS:
+            raise ParamError("max_think_tokens", f"must be within [1, {MAX_THINK_TOKENS}]")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 10.0):
+            raise ParamError("temperature", "must be within [0, 10]")
+        for i, g in enumerate(self.guidance):
+            g.validate(f"guidance[{i}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["guidance"] = [dict(asdict(g), interval=list(g.interval)) for g in self.guidance]
+        return d
+
+
+@dataclass(slots=True)
+class EngineEvent:
+    """One stage change of a trajectory, named as in API.md (`thinking.delta`, `image.done`, ...).
+
+    `data` is JSON-ready; `image` (HWC uint8 numpy array) is set on `image.done` only.
+    """
+
+    type: str
+    data: dict[str, Any]
+    image: Any = None
+
+
+@dataclass(slots=True)
+class RoundResult:
+    """What one image round produced (its text is the plan or the reflection before the image)."""
+
+    index: int
+    kind: str  # draft | final
+    text: str | None
+    token_ids: list[int]
+    guidance: RoundGuidance
+    image: Any  # HWC uint8 numpy array
+
+
+@dataclass(slots=True)
+class StageTiming:
+    """Wall time of one stage: `prefill`, `thinking`, `reflection`, `image`, `reencode`."""
+
+    stage: str
+    round: int
+    seconds: float
+    tokens: int = 0  # decoded tokens (thinking / reflection)
+    steps: int = 0  # model evaluations (image)
+
+
+@dataclass(slots=True)
+class TrajectoryResult:
+    params: GenerationParams
+    rounds: list[RoundResult] = field(default_factory=list)
+    stages: list[StageTiming] = field(default_factory=list)
+    total_seconds: float = 0.0
+    peak_memory_bytes: int = 0  # accelerator memory high-water mark (0 on CPU)
+    tensors: dict[str, Any] = field(default_factory=dict)  # round{k}.init_noise / round{k}.final_latent

@@ -1,0 +1,85 @@
+"""Image preprocessing as BAGEL does it, and the patch layouts between pixels, latents and tokens.
+
+`ImageTransform(max, min, stride)` resizes (PIL bicubic) so that the long side is at most `max`, the short
+side at least `min`, both multiples of `stride`, then maps to [-1, 1] (BAGEL `data/transforms.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+MAX_PIXELS = 14 * 14 * 9 * 1024  # BAGEL's default max_pixels
+
+
+def _divisible(value: float, stride: int) -> int:
+    return max(stride, int(round(value / stride) * stride))
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTransform:
+    max_size: int
+    min_size: int
+    stride: int
+    max_pixels: int = MAX_PIXELS
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize rule; `round` is Python's (half to even), as upstream."""
+
+        def apply(w: float, h: float, scale: float) -> tuple[int, int]:
+            return _divisible(round(w * scale), self.stride), _divisible(round(h * scale), self.stride)
+
+        scale = min(self.max_size / max(width, height), 1.0)
+        scale = max(scale, self.min_size / min(width, height))
+        w, h = apply(width, height, scale)
+        if w * h > self.max_pixels:
+            w, h = apply(w, h, self.max_pixels / (w * h))  # an area ratio used as a linear scale, as upstream
+        if max(w, h) > self.max_size:
+            w, h = apply(w, h, self.max_size / max(w, h))
+        return w, h
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        w, h = self.target_size(*image.size)
+        return image.resize((w, h), Image.BICUBIC)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """PIL RGB image -> [3, H', W'] float32 in [-1, 1]."""
+        return to_unit_range(np.asarray(self.resize(image)))
+
+
+VAE_TRANSFORM = ImageTransform(1024, 512, 16)
+VIT_TRANSFORM = ImageTransform(980, 224, 14)
+
+
+def to_unit_range(pixels: np.ndarray) -> Tensor:
+    """HWC uint8 -> CHW float32 in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0
+    return (x - 0.5) / 0.5
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """[1, 3, H, W] decoder output -> HWC uint8; the cast truncates, as the official code does."""
+    x = ((image.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
+    return x.cpu().numpy()
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """[C, H, W] -> [(H/p)(W/p), p*p*C], features ordered (py, px, c), patches row-major."""
+    c, h, w = x.shape
+    x = x.reshape(c, h // p, p, w // p, p)
+    return torch.einsum("chpwq->hwpqc", x).reshape(-1, p * p * c)
+
+
+def unpatchify(tokens: Tensor, h: int, w: int, p: int, c: int) -> Tensor:
+    """[h*w, p*p*c] -> [1, c, h*p, w*p] (inverse of `patchify`)."""
+    x = tokens.reshape(1, h, w, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(1, c, h * p, w * p)
+
+
+def grid_position_ids(rows: int, cols: int, grid: int) -> Tensor:
+    """Flattened 2-D position ids row * grid + col ("extrapolate": a smaller image uses the top-left)."""
+    return (torch.arange(rows)[:, None] * grid + torch.arange(cols)[None, :]).flatten()
