@@ -132,8 +132,9 @@ class Engine:
     def decode(self, ctx: Context, max_tokens: int, temperature: float = 0.0, seed: int = 0,
                on_token: Callable[[int], None] | None = None,
                should_cancel: Callable[[], bool] | None = None,
-               on_logits: Callable[[Tensor], None] | None = None) -> list[int]:
-        """Generate up to `max_tokens` after `<|im_start|>`, stopping before `<|im_end|>`.
+               on_logits: Callable[[Tensor], None] | None = None, ignore_eos: bool = False) -> list[int]:
+        """Generate up to `max_tokens` after `<|im_start|>`, stopping before `<|im_end|>` (unless
+        `ignore_eos`, which benchmarks use to decode a fixed number of tokens).
 
         The decode rows live in the pool only during the call: the caller prefills the decoded text again
         as its own segment, as the official recipe does.
@@ -160,7 +161,7 @@ class Engine:
                     probs = (logits / temperature).float().softmax(dim=-1)
                     token = torch.multinomial(probs, 1, generator=gen)[:, 0]
                 value = int(token.item())
-                if value == self.tok.special.eos:
+                if value == self.tok.special.eos and not ignore_eos:
                     break
                 out.append(value)
                 if on_token is not None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -48,11 +49,12 @@ class _Run:
     """One trajectory's state: the events it sends, the stages it times."""
 
     def __init__(self, engine: Engine, params: GenerationParams, on_event: EventSink | None,
-                 should_cancel: Callable[[], bool] | None, keep_tensors: bool):
+                 should_cancel: Callable[[], bool] | None, keep_tensors: bool, fixed_thoughts: bool = False):
         self.e, self.p = engine, params
         self.emit = on_event or (lambda event: None)
         self.should_cancel = should_cancel
         self.keep_tensors = keep_tensors
+        self.fixed_thoughts = fixed_thoughts
         self.result = TrajectoryResult(params)
         self.n_images = image_rounds(params.mode, params.rounds)
 
@@ -80,7 +82,8 @@ class _Run:
 
         seed = self.p.seed + 2 * self.n_images + k - 1
         start = time.perf_counter()
-        ids = self.e.decode(ctx, self.p.max_think_tokens, self.p.temperature, seed, on_token, self.should_cancel)
+        ids = self.e.decode(ctx, self.p.max_think_tokens, self.p.temperature, seed, on_token, self.should_cancel,
+                            ignore_eos=self.fixed_thoughts)
         self.result.stages.append(StageTiming(kind, k, time.perf_counter() - start, tokens=len(ids)))
         tail = stream.flush()
         if tail:
@@ -113,8 +116,6 @@ class _Run:
 
     def record(self, k: int, text: str | None, ids: list[int], image: Image.Image) -> None:
         kind = "final" if k == self.n_images else "draft"
-        import numpy as np
-
         self.result.rounds.append(RoundResult(k, kind, text, ids, self.p.guidance[k - 1], np.asarray(image)))
 
 
@@ -133,11 +134,15 @@ def pool_budget(engine: Engine, params: GenerationParams, prompt_tokens: int) ->
 
 
 def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink | None = None,
-                   should_cancel: Callable[[], bool] | None = None, keep_tensors: bool = False) -> TrajectoryResult:
-    """Run one trajectory; raises `irg_core.errors.Cancelled` when `should_cancel()` turns true."""
+                   should_cancel: Callable[[], bool] | None = None, keep_tensors: bool = False,
+                   fixed_thoughts: bool = False) -> TrajectoryResult:
+    """Run one trajectory; raises `irg_core.errors.Cancelled` when `should_cancel()` turns true.
+
+    `fixed_thoughts` decodes exactly `max_think_tokens` per thought (ignoring `<|im_end|>`), for benchmarks.
+    """
     params = params.resolved()
     params.validate(max_side=engine.cfg.max_image_side)
-    run = _Run(engine, params, on_event, should_cancel, keep_tensors)
+    run = _Run(engine, params, on_event, should_cancel, keep_tensors, fixed_thoughts)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     start = time.perf_counter()

@@ -57,7 +57,7 @@ VIT_TRANSFORM = ImageTransform(980, 224, 14)
 
 def to_unit_range(pixels: np.ndarray) -> Tensor:
     """HWC uint8 -> CHW float32 in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 255.0
     return (x - 0.5) / 0.5
 
 

@@ -1,0 +1,1 @@
+"""IRG Server: the HTTP API, the job queue, GPU workers and the `irg` command line."""

@@ -1,0 +1,149 @@
+"""`irg generate PROMPT`: run one trajectory on this machine and write its images and record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from irg_core.params import GenerationParams, RoundGuidance, default_guidance
+from server.cli.common import add_model_options, open_engine
+from server.cli.errors import CommandError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="run one trajectory and write round-N.png + trajectory.json")
+    p.add_argument("prompt")
+    add_model_options(p)
+    add_generation_options(p)
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
+    p.add_argument("--save-tensors", action="store_true", help="also write tensors.safetensors (noise, latents)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("irg", "think", "direct"), default="irg")
+    p.add_argument("--rounds", type=int, default=2, help="image rounds of mode irg (>= 2)")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=50, help="timesteps as BAGEL counts them: 50 -> 49 evaluations")
+    p.add_argument("--seed", type=int, default=None, help="default: random (always reported)")
+    p.add_argument("--temperature", type=float, default=0.0, help="thought sampling temperature (0 = greedy)")
+    p.add_argument("--max-think-tokens", type=int, default=1024, help="tokens generated per thought at most")
+    p.add_argument("--guidance", type=Path, metavar="FILE.json",
+                   help='per-round guidance: {"rounds": [{"text_scale": 4, "interval": [0.4, 1], ...}, ...]}')
+    p.add_argument("--system-prompt-file", type=Path, help="system prompt (default: the mode's own)")
+
+
+def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
+    if path is None:
+        return ()
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CommandError(f"--guidance {path}: not readable JSON ({e})") from e
+    rounds = data.get("rounds") if isinstance(data, dict) else None
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+        raise CommandError(f'--guidance {path}: expected {{"rounds": [{{...}}, ...]}}')
+    known = {f.name for f in fields(RoundGuidance)}
+    out = []
+    for i, r in enumerate(rounds):
+        unknown = set(r) - known
+        if unknown:
+            raise CommandError(f"--guidance {path}: round {i + 1} has unknown keys {sorted(unknown)}")
+        merged = dict(asdict(default_guidance(i + 1)), **r)
+        try:
+            merged["interval"] = tuple(float(v) for v in merged["interval"])
+            if len(merged["interval"]) != 2:
+                raise ValueError("interval needs two numbers")
+            out.append(RoundGuidance(**merged))
+        except (TypeError, ValueError) as e:
+            raise CommandError(f"--guidance {path}: round {i + 1}: {e}") from e
+    return tuple(out)
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    system = None
+    if args.system_prompt_file is not None:
+        system = args.system_prompt_file.read_text("utf-8")
+    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    return GenerationParams(
+        prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=args.width, height=args.height,
+        steps=args.steps, seed=seed, max_think_tokens=args.max_think_tokens, temperature=args.temperature,
+        guidance=read_guidance(args.guidance), system_prompt=system).resolved()
+
+
+class Progress:
+    """A tqdm bar per stage (thought tokens, denoising steps), on stderr."""
+
+    def __init__(self, enabled: bool, max_tokens: int):
+        self.enabled, self.max_tokens = enabled, max_tokens
+        self.bar: Any = None
+        self.key: tuple[str, int] | None = None
+
+    def __call__(self, event: Any) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        kind, data = event.type, event.data
+        stage = kind.split(".")[0]
+        key = (stage, data.get("round", 0))
+        if kind.endswith(".delta") or kind == "image.progress":
+            if key != self.key:
+                self.close()
+                total = data.get("steps") if stage == "image" else self.max_tokens
+                unit = "step" if stage == "image" else "tok"
+                self.bar = tqdm(total=total, desc=f"{stage} {key[1]}", unit=unit, file=sys.stderr, leave=True)
+                self.key = key
+            self.bar.update(1)
+        elif kind.endswith(".done"):
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.key = None, None
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from irg_core.trajectory import run_trajectory
+
+    params = params_from_args(args)
+    engine = open_engine(args)
+    progress = Progress(not args.quiet, params.max_think_tokens)
+    result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors)
+    progress.close()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for r in result.rounds:
+        Image.fromarray(r.image).save(out / f"round-{r.index}.png")
+    record = trajectory_record(result, engine)
+    (out / "trajectory.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), "utf-8")
+    if args.save_tensors:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in result.tensors.items()}, str(out / "tensors.safetensors"))
+    print(f"seed {params.seed}: {len(result.rounds)} image(s) in {result.total_seconds:.1f} s -> {out}")
+    return 0
+
+
+def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
+    p = result.params
+    return {
+        "prompt": p.prompt, "mode": p.mode, "seed": p.seed, "width": p.width, "height": p.height,
+        "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
+        "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
+                    "guidance": dict(asdict(r.guidance), interval=list(r.guidance.interval)),
+                    "image": f"round-{r.index}.png"} for r in result.rounds],
+        "timings": [asdict(s) for s in result.stages],
+        "total_seconds": result.total_seconds,
+        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+    }
