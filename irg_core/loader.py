@@ -71,7 +71,8 @@ def load_model(model_dir: str | Path, device: torch.device | str | None = None,
         model, vae = Bagel(cfg), AutoEncoder(cfg.vae)
     _read_into(model, ema, ema_header, device, dtype)
     _read_into(vae, model_dir / AE_NAME, ae_header, device, dtype)
-    return LoadedModel(cfg, model.eval(), vae.eval(), tokenizer, device, dtype)
+    return LoadedModel(cfg, model.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer,
+                       device, dtype)
 
 
 @torch.no_grad()
@@ -79,6 +80,8 @@ def init_weights(module: nn.Module, seed: int) -> None:
     """Random weights in place on the module's device: Linear/Conv N(0, 1/fan_in), biases N(0, 0.05^2),
     embeddings N(0, 0.5^2), norms 1 (+ bias 0); sin-cos tables exact."""
     device = next(module.parameters()).device
+    if device.type == "meta":  # shapes only (e.g. to plan memory): nothing to fill
+        return
     gen = torch.Generator(device=device).manual_seed(seed)
     for sub in module.modules():
         if isinstance(sub, PositionEmbedding):
@@ -107,4 +110,5 @@ def build_dummy(cfg: BagelConfig, device: torch.device | str | None = None, dtyp
     vae = vae.to(dtype).to_empty(device=device)
     init_weights(model, seed)
     init_weights(vae, seed + 1)
-    return LoadedModel(cfg, model.eval(), vae.eval(), tokenizer, device, dtype)
+    return LoadedModel(cfg, model.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer,
+                       device, dtype)

@@ -160,7 +160,8 @@ class RoundResult:
 
 @dataclass(slots=True)
 class StageTiming:
-    """Wall time of one stage: `prefill`, `thinking`, `reflection`, `image`, `reencode`."""
+    """Wall time of one stage: `prefill`, `thinking`, `reflection`, `image` (denoising), `decode` (VAE
+    decode), `reencode` (an image put back into the context through the VAE and the ViT)."""
 
     stage: str
     round: int

@@ -102,17 +102,26 @@ class _Run:
             self.emit(EngineEvent("image.progress", {"round": k, "step": step, "steps": steps}))
 
         def draw() -> object:
-            latent = e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel)
-            return latent, e.decode_latent(latent, p.width, p.height)[1]
+            return e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel)
 
-        latent, pixels = self.timed("image", k, draw, steps=p.steps - 1)  # type: ignore[misc]
+        latent = self.timed("image", k, draw, steps=p.steps - 1)
+        pixels = self.timed("decode", k, lambda: e.decode_latent(latent, p.width, p.height)[1])
         if self.keep_tensors:
             self.result.tensors[f"round{k}.init_noise"] = noise
-            self.result.tensors[f"round{k}.final_latent"] = latent.float().cpu()
+            self.result.tensors[f"round{k}.final_latent"] = latent.float().cpu()  # type: ignore[attr-defined]
         kind = "final" if k == self.n_images else "draft"
         self.emit(EngineEvent("image.done", {"round": k, "kind": kind, "width": p.width, "height": p.height},
                               image=pixels))
         return Image.fromarray(pixels)
+
+    def reencode(self, k: int, ctx: Context, image: Image.Image) -> Context:
+        """Put image k back into the context: its VAE block (posterior noise from seed + R + k - 1), then ViT."""
+        eps_seed = self.p.seed + self.n_images + k - 1
+
+        def run() -> Context:
+            return self.e.prefill_vit_image(self.e.prefill_vae_image(ctx, image, eps_seed), image)
+
+        return self.timed("reencode", k, run)  # type: ignore[return-value]
 
     def record(self, k: int, text: str | None, ids: list[int], image: Image.Image) -> None:
         kind = "final" if k == self.n_images else "draft"
@@ -174,7 +183,7 @@ def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink
 
 
 def _irg(run: _Run, main: Context, no_text: Context) -> None:
-    e, p = run.e, run.p
+    e = run.e
     texts = main  # the image-free context: [S, P, T_1, ...]
     for k in range(1, run.n_images + 1):
         ids, text = run.think(main, k)
@@ -184,10 +193,4 @@ def _irg(run: _Run, main: Context, no_text: Context) -> None:
         image = run.image(k, Branches(main, no_text, texts if k > 1 else None))
         run.record(k, text, ids, image)
         if k < run.n_images:
-            eps_seed = p.seed + run.n_images + k - 1
-
-            def reencode(ctx: Context = main, img: Image.Image = image) -> Context:
-                return e.prefill_vit_image(e.prefill_vae_image(ctx, img, eps_seed), img)
-
-            main = run.timed("reencode", k, reencode)  # type: ignore[assignment]
-            no_text = main
+            main = no_text = run.reencode(k, main, image)
