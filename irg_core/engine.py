@@ -19,11 +19,23 @@ from irg_core.attention import AttnMeta, Seq
 from irg_core.errors import Cancelled
 from irg_core.kv_cache import Context, KVPool, pages_needed
 from irg_core.loader import LoadedModel
+from irg_core.model.qwen2_mot import rope_tables
 from irg_core.params import RoundGuidance
 from irg_core.sampling import cfg_active, cfg_combine, sample_flow, timesteps
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
 
 DEFAULT_PAGE_SIZE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Everything about a forward's rows except their values: RoPE tables, KV slots, attention layout."""
+
+    rope: tuple[Tensor, Tensor]
+    slots: Tensor
+    meta: AttnMeta
+    n_gen: int
+    gen_mode: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +68,15 @@ class Engine:
         self.pool.reset()
         return self.pool
 
-    def _forward(self, x: Tensor, positions: Tensor, slots: Tensor, seqs: list[Seq], causal: bool,
-                 n_gen: int = 0, gen_mode: bool = False) -> Tensor:
+    def _forward(self, x: Tensor, batch: _Batch) -> Tensor:
         assert self.pool is not None
-        meta = AttnMeta(seqs, causal)
-        return self.model.language_model(x, positions, n_gen, gen_mode, self.pool.layers, slots, meta)
+        return self.model.language_model(x, batch.rope, batch.n_gen, batch.gen_mode, self.pool.layers,
+                                         batch.slots, batch.meta)
+
+    def _batch(self, positions: Tensor, slots: Tensor, seqs: list[Seq], causal: bool, n_gen: int = 0,
+               gen_mode: bool = False) -> _Batch:
+        rope = rope_tables(self.cfg.llm, positions.to(self.device), self.dtype)
+        return _Batch(rope, slots, AttnMeta(seqs, causal), n_gen, gen_mode)
 
     def _markers(self) -> Tensor:
         ids = torch.tensor([self.tok.special.start_of_image, self.tok.special.end_of_image], device=self.device)
@@ -74,8 +90,8 @@ class Engine:
         n = len(ids)
         new, slots = self.pool.extend(ctx, n)
         x = self.model.embed_tokens(torch.tensor(ids, device=self.device))
-        positions = torch.arange(ctx.rope, ctx.rope + n, device=self.device)
-        self._forward(x, positions, slots, [Seq(0, n, new.pages, new.length)], causal=True)
+        positions = torch.arange(ctx.rope, ctx.rope + n)
+        self._forward(x, self._batch(positions, slots, [Seq(0, n, new.pages, new.length)], causal=True))
         return new.advanced(n)
 
     def _prefill_image_block(self, ctx: Context, rows: Tensor, gen: bool) -> Context:
@@ -90,9 +106,9 @@ class Engine:
         else:
             x = torch.cat([markers[:1], rows.to(markers.dtype), markers[1:]])
             order = slots
-        positions = torch.full((n + 2,), ctx.rope, device=self.device)
         seqs = [Seq(0, n + 2, new.pages, new.length)]
-        self._forward(x, positions, order, seqs, causal=False, n_gen=n if gen else 0, gen_mode=gen)
+        batch = self._batch(torch.full((n + 2,), ctx.rope), order, seqs, False, n if gen else 0, gen)
+        self._forward(x, batch)
         return new.advanced(1)
 
     @torch.inference_mode()
@@ -149,9 +165,9 @@ class Engine:
             for i in range(max_tokens):
                 if should_cancel is not None and should_cancel():
                     raise Cancelled()
-                pos = torch.tensor([ctx.rope + i], device=self.device)
-                h = self._forward(self.model.embed_tokens(token), pos, slots[i:i + 1],
-                                  [Seq(0, 1, room.pages, ctx.length + i + 1)], causal=True)
+                batch = self._batch(torch.tensor([ctx.rope + i]), slots[i:i + 1],
+                                    [Seq(0, 1, room.pages, ctx.length + i + 1)], causal=True)
+                h = self._forward(self.model.embed_tokens(token), batch)
                 logits = self.model.logits(h)  # [1, vocab]
                 if on_logits is not None:
                     on_logits(logits[0])
@@ -198,10 +214,9 @@ class Engine:
                 if should_cancel is not None and should_cancel():
                     raise Cancelled()
                 k = len(ctxs) if on[i] else 1
-                positions, slots, seqs = batches[k]
                 rows = self.model.latent_rows(x, ts[i], pos)
                 q = torch.cat([rows.repeat(k, 1), markers.repeat(k, 1)])
-                hidden = self._forward(q, positions, slots, seqs, causal=False, n_gen=k * n, gen_mode=True)
+                hidden = self._forward(q, batches[k])
                 vs = self.model.velocity(hidden[:k * n]).view(k, n, -1)
                 v_no_text = vs[1] if k > 1 else None
                 v_no_img = vs[2] if k > 2 else None
@@ -221,16 +236,15 @@ class Engine:
         finally:
             self.pool.release(mark)
 
-    def _image_batch(self, ctxs: list[Context], rooms: list[tuple[Context, Tensor]],
-                     n: int) -> tuple[Tensor, Tensor, list[Seq]]:
-        """Positions, KV slots and sequences of k packed branches: latent rows of every branch, then markers."""
+    def _image_batch(self, ctxs: list[Context], rooms: list[tuple[Context, Tensor]], n: int) -> _Batch:
+        """k packed branches: the latent rows of every branch first (generation expert), then the markers."""
         k = len(ctxs)
         lat_slots = [slots[1:n + 1] for _, slots in rooms]
         mark_slots = [slots[[0, n + 1]] for _, slots in rooms]
         positions = torch.cat([torch.full((n,), c.rope) for c in ctxs] + [torch.full((2,), c.rope) for c in ctxs])
         seqs = [Seq(b * n, (b + 1) * n, room.pages, room.length) for b, (room, _) in enumerate(rooms)]
         seqs += [Seq(k * n + 2 * b, k * n + 2 * b + 2, room.pages, room.length) for b, (room, _) in enumerate(rooms)]
-        return positions.to(self.device), torch.cat(lat_slots + mark_slots), seqs
+        return self._batch(positions, torch.cat(lat_slots + mark_slots), seqs, False, k * n, True)
 
     @torch.inference_mode()
     def decode_latent(self, latent: Tensor, width: int, height: int) -> tuple[Tensor, np.ndarray]:

@@ -181,10 +181,12 @@ class LanguageModel(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor, n_gen: int, gen_mode: bool,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], n_gen: int, gen_mode: bool,
                 kv: list[tuple[Tensor, Tensor]], slots: Tensor, meta: AttnMeta) -> Tensor:
-        """x [T, hidden] -> final-normed hidden states [T, hidden]; writes K/V of every row at `slots`."""
-        rope = rope_tables(self.cfg, positions, x.dtype)
+        """x [T, hidden] -> final-normed hidden states [T, hidden]; writes K/V of every row at `slots`.
+
+        `rope` is `rope_tables(cfg, positions, x.dtype)`, computed once by the caller (it is the same at every
+        denoising step)."""
         for layer, layer_kv in zip(self.model.layers, kv):
             x = layer(x, n_gen, gen_mode, rope, layer_kv, slots, meta)
         return split_apply(x, n_gen, self.model.norm, self.model.norm_moe_gen)
