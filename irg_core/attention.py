@@ -34,7 +34,7 @@ class Seq:
 class AttnMeta:
     seqs: list[Seq]
     causal: bool
-    _device_cache: dict[str, object] = field(default_factory=dict)
+    _device_cache: dict[object, object] = field(default_factory=dict)
 
     def varlen_inputs(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int, int]:
         """cu_seq_q, block_table, seqused_k, max_q, max_k for the paged varlen kernel (built once)."""
@@ -81,14 +81,18 @@ def _attend_varlen(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) ->
                        seqused_k=used, block_table=table, window_size=(-1, 0) if meta.causal else (-1, -1))
 
 
-def gather_pages(pool: Tensor, pages: tuple[int, ...], length: int) -> Tensor:
-    """The first `length` tokens of `pages` as [length, Hkv, D]: a view when the pages are consecutive."""
+def gather_pages(pool: Tensor, pages: tuple[int, ...], length: int, meta: AttnMeta | None = None) -> Tensor:
+    """The first `length` tokens of `pages` as [length, Hkv, D]: a view when the pages are consecutive,
+    else a gather (its index tensor is kept in `meta`, so a denoising loop uploads it once)."""
     first = pages[0]
     if pages == tuple(range(first, first + len(pages))):
-        flat = pool[first:first + len(pages)].flatten(0, 1)
-    else:
-        flat = pool[torch.tensor(pages, device=pool.device)].flatten(0, 1)
-    return flat[:length]
+        return pool[first:first + len(pages)].flatten(0, 1)[:length]
+    cache = meta._device_cache if meta is not None else {}
+    key = ("pages", pages)
+    index = cache.get(key)
+    if index is None:
+        index = cache[key] = torch.tensor(pages, device=pool.device)
+    return pool[index].flatten(0, 1)[:length]  # type: ignore[index]
 
 
 def _attend_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:
@@ -97,8 +101,8 @@ def _attend_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> T
     for s in meta.seqs:
         kv = keys.get((s.pages, s.kv_len))
         if kv is None:
-            kv = keys[(s.pages, s.kv_len)] = (gather_pages(k_pool, s.pages, s.kv_len),
-                                              gather_pages(v_pool, s.pages, s.kv_len))
+            kv = keys[(s.pages, s.kv_len)] = (gather_pages(k_pool, s.pages, s.kv_len, meta),
+                                              gather_pages(v_pool, s.pages, s.kv_len, meta))
         k, v = (t.transpose(0, 1).unsqueeze(0) for t in kv)  # [1, Hkv, L, D]
         qs = q[s.q_start:s.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         n, length = s.q_end - s.q_start, s.kv_len
