@@ -9,14 +9,14 @@ architecture and every missing, unexpected or mis-shaped tensor is reported by n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from irg_core.checkpoint import AE_NAME, TensorInfo, check_model_files
+from irg_core.checkpoint import AE_NAME, TensorInfo, check_model_files, ema_path, read_header
 from irg_core.config import BagelConfig
 from irg_core.errors import CheckpointError
 from irg_core.model.bagel import Bagel
@@ -56,6 +56,25 @@ def _read_into(module: nn.Module, path: Path, header: dict[str, TensorInfo], dev
     module.load_state_dict(state, strict=True, assign=True)
 
 
+def grids_from_checkpoint(cfg: BagelConfig, model_dir: Path) -> BagelConfig:
+    """Take the 2-D position grids from the checkpoint's sin-cos tables (the official scripts pass
+    max_latent_size 64 and 70 ViT patches per side in code; a checkpoint built otherwise says so in its
+    table shapes). Anything unreadable is left for `check_model_files` to report."""
+    try:
+        header = read_header(ema_path(model_dir))
+    except CheckpointError:
+        return cfg
+    grids = {}
+    for key, field in (("latent_pos_embed.pos_embed", "max_latent_size"),
+                       ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side")):
+        info = header.get(key)
+        if info is not None and len(info.shape) == 2:
+            side = math.isqrt(info.shape[0])
+            if side > 0 and side * side == info.shape[0]:
+                grids[field] = side
+    return replace(cfg, **grids)
+
+
 def load_model(model_dir: str | Path, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> LoadedModel:
     """Load `llm_config.json`, `vit_config.json`, [`ae_config.json`], the tokenizer and both weight files."""
@@ -64,7 +83,7 @@ def load_model(model_dir: str | Path, device: torch.device | str | None = None,
         raise CheckpointError(f"model directory {model_dir} does not exist")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    cfg = BagelConfig.from_model_dir(model_dir)
+    cfg = grids_from_checkpoint(BagelConfig.from_model_dir(model_dir), model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     ema, ema_header, ae_header = check_model_files(model_dir, cfg)
     with torch.device("meta"):

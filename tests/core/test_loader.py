@@ -111,3 +111,13 @@ def test_dummy_weights_have_the_official_tables(golden_dir: Path) -> None:
     official = load_file(str(golden_dir / "model" / "ema.safetensors"))
     for name in ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"):
         torch.testing.assert_close(getattr(m.model, name.split(".")[0]).pos_embed.bfloat16(), official[name])
+
+
+def test_position_grids_follow_the_checkpoint(model_copy: Path) -> None:
+    """A checkpoint built with max_latent_size 32 (not the scripts' 64) loads with a 32-wide latent grid."""
+    from irg_core.model.embed import sincos_table
+
+    ema = model_copy / "ema.safetensors"
+    _rewrite(ema, lambda t: t.__setitem__("latent_pos_embed.pos_embed", sincos_table(64, 32).bfloat16()))
+    m = load_model(model_copy, device="cpu")
+    assert m.cfg.max_latent_size == 32 and m.cfg.max_image_side == 512
