@@ -98,7 +98,8 @@ def test_no_network_closed_port(tmp_path: Path) -> None:
 
 def test_no_network_offline_mode(tmp_path: Path) -> None:
     dest = tmp_path / "bagel"
-    r = damage.run_irg("weights", "download", str(dest), env=hub_env(tmp_path, HF_HUB_OFFLINE="1"), timeout=60)
+    env = hub_env(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="https://huggingface.co")
+    r = damage.run_irg("weights", "download", str(dest), env=env, timeout=60)
     line = assert_one_line_error(r, dest)
     assert "cannot reach huggingface.co (HF_HUB_OFFLINE is set)" in line
 
