@@ -123,13 +123,13 @@ def hub_call(call: Callable[[], T], repo: str, files: tuple[str, ...], dest: Pat
 
 def reason(e: BaseException) -> str:
     """The root cause of a connection failure, in a few words."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     chain: list[BaseException] = []
     cur: BaseException | None = e
     while cur is not None and cur not in chain:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
     if any(isinstance(c, OfflineModeIsEnabled) for c in chain):
         return "HF_HUB_OFFLINE is set"
     root: Any = chain[-1]

@@ -148,8 +148,8 @@ def format_report(report: Report, per_file: int | None = 20) -> str:
     cfg = report.config
     if cfg is not None:
         lines.append(f"  {LLM_FILE}: hidden {cfg.llm.hidden_size}, {cfg.llm.num_hidden_layers} layers, "
-                     f"{cfg.llm.num_attention_heads}/{cfg.llm.num_key_value_heads} heads, vocab "
-                     f"{cfg.llm.vocab_size}, rope_theta {cfg.llm.rope_theta:g}, rms_norm_eps {cfg.llm.rms_norm_eps:g}")
+                     f"{cfg.llm.num_attention_heads}/{cfg.llm.num_key_value_heads} heads, vocab {cfg.llm.vocab_size}, "
+                     f"rope_theta {cfg.llm.rope_theta:.10g}, rms_norm_eps {cfg.llm.rms_norm_eps:g}")
         lines.append(f"  {VIT_FILE}: hidden {cfg.vit.hidden_size}, {cfg.vit.num_hidden_layers} layers on disk "
                      f"({cfg.vit.layers} used), patch {cfg.vit.patch_size}, image {cfg.vit.image_size}")
         source = AE_CONFIG_FILE if (report.model_dir / AE_CONFIG_FILE).exists() else "FLUX values built in"
