@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,17 @@ def tensor_problems(file_name: str, found: dict[str, TensorInfo],
             problems.append(f"{file_name}: tensor {key} has dtype {info.dtype}, expected a float type "
                             f"({'/'.join(FLOAT_DTYPES)})")
     return problems
+
+
+def dtype_problems(file_name: str, found: dict[str, TensorInfo]) -> list[str]:
+    """Float tensors whose dtype differs from the file's most common one (the loader casts them; a mixed
+    file is usually a bad conversion). Non-float tensors are `tensor_problems`' business."""
+    counts = Counter(info.dtype for info in found.values() if info.dtype in FLOAT_DTYPES)
+    if len(counts) < 2:
+        return []
+    main, n = counts.most_common(1)[0]
+    return [f"{file_name}: tensor {key} is {info.dtype} while {n} other tensors of the file are {main}"
+            for key, info in found.items() if info.dtype in FLOAT_DTYPES and info.dtype != main]
 
 
 def check_model_files(model_dir: Path, cfg: BagelConfig) -> tuple[Path, dict[str, TensorInfo], dict[str, TensorInfo]]:

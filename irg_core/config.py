@@ -168,7 +168,27 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def _pick(cls: type, data: dict[str, Any], where: str) -> Any:
     """Build a config dataclass from the JSON keys it knows; the rest of an HF config is ignored."""
-    kwargs = {}
+    kwargs, problems = _collect(cls, data, where)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cls(**kwargs)
+
+
+def parse_config(cls: type, data: dict[str, Any], where: str) -> tuple[Any, list[str]]:
+    """Like `_pick` followed by `validate()`, but returns every problem (one message each) instead of raising."""
+    kwargs, problems = _collect(cls, data, where)
+    if problems:
+        return None, problems
+    cfg = cls(**kwargs)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        return None, [str(e)]
+    return cfg, []
+
+
+def _collect(cls: type, data: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    kwargs, problems = {}, []
     for f in fields(cls):
         if f.name not in data or data[f.name] is None:
             continue
@@ -176,15 +196,19 @@ def _pick(cls: type, data: dict[str, Any], where: str) -> Any:
         want = type(f.default) if f.default is not None else object
         if want is tuple:
             if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
-                raise ConfigError(f"{where}: {f.name} must be a list of integers")
+                problems.append(f"{where}: {f.name} must be a list of integers")
+                continue
             value = tuple(value)
         elif want is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{where}: {f.name} must be an integer, got {value!r}")
+            problems.append(f"{where}: {f.name} must be an integer, got {value!r}")
+            continue
         elif want is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{where}: {f.name} must be a number, got {value!r}")
+                problems.append(f"{where}: {f.name} must be a number, got {value!r}")
+                continue
             value = float(value)
         if want is int and value <= 0:
-            raise ConfigError(f"{where}: {f.name} must be positive, got {value}")
+            problems.append(f"{where}: {f.name} must be positive, got {value}")
+            continue
         kwargs[f.name] = value
-    return cls(**kwargs)
+    return kwargs, problems

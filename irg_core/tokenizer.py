@@ -29,22 +29,31 @@ class SpecialTokens:
     eos_text: str
 
 
-def special_token_names() -> dict[str, str]:
+def _special_tokens() -> dict[str, dict]:
     data = json.loads(resources.files("irg_core.data").joinpath("special_tokens.json").read_text("utf-8"))
-    return {k: v["token"] for k, v in data.items() if not k.startswith("_")}
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def special_token_names() -> dict[str, str]:
+    return {k: v["token"] for k, v in _special_tokens().items()}
+
+
+def expected_special_ids() -> dict[str, int]:
+    """The ids BAGEL's checkpoints were trained with (the Qwen2.5 tokenizer's), by role."""
+    return {k: v["id"] for k, v in _special_tokens().items()}
 
 
 class Tokenizer:
     def __init__(self, tok: _HFTokenizer):
         self._tok = tok
-        ids = {}
-        for role, text in special_token_names().items():
-            token_id = tok.token_to_id(text)
-            if token_id is None:
-                raise TokenizerError(f"{TOKENIZER_FILE}: special token {text} ({role}) is missing")
-            ids[role] = token_id
+        names = special_token_names()
+        ids = {role: tok.token_to_id(text) for role, text in names.items()}
+        missing = [f"{names[role]} ({role})" for role, token_id in ids.items() if token_id is None]
+        if missing:
+            what = "special tokens {} are" if len(missing) > 1 else "special token {} is"
+            raise TokenizerError(f"{TOKENIZER_FILE}: {what.format(', '.join(missing))} missing")
         self.special = SpecialTokens(ids["bos"], ids["eos"], ids["start_of_image"], ids["end_of_image"],
-                                     special_token_names()["bos"], special_token_names()["eos"])
+                                     names["bos"], names["eos"])
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
