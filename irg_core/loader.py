@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from irg_core.checkpoint import AE_NAME, TensorInfo, check_model_files, ema_path, read_header
+from irg_core.checkpoint import AE_NAME, FLOAT_DTYPES, TensorInfo, check_model_files, ema_path, read_header
 from irg_core.config import BagelConfig
 from irg_core.errors import CheckpointError
 from irg_core.model.bagel import Bagel
-from irg_core.model.embed import PositionEmbedding
+from irg_core.model.embed import PositionEmbedding, sincos_table
 from irg_core.model.vae import AutoEncoder
 from irg_core.tokenizer import Tokenizer
 
@@ -57,21 +57,31 @@ def _read_into(module: nn.Module, path: Path, header: dict[str, TensorInfo], dev
 
 
 def grids_from_checkpoint(cfg: BagelConfig, model_dir: Path) -> BagelConfig:
-    """Take the 2-D position grids from the checkpoint's sin-cos tables (the official scripts pass
-    max_latent_size 64 and 70 ViT patches per side in code; a checkpoint built otherwise says so in its
-    table shapes). Anything unreadable is left for `check_model_files` to report."""
+    """Take the 2-D position grids from the checkpoint's sin-cos tables when they are genuine G x G tables.
+
+    The official scripts construct max_latent_size 64 and 70 ViT patches per side in code; a checkpoint built
+    with another grid carries a table of another size. A table whose rows are not exactly the G x G sin-cos
+    table (e.g. a cut-down 64 x 64 one) keeps the default, and the shape check then reports it.
+    Anything unreadable is left for `check_model_files` to report."""
     try:
-        header = read_header(ema_path(model_dir))
+        path = ema_path(model_dir)
+        header = read_header(path)
     except CheckpointError:
         return cfg
     grids = {}
-    for key, field in (("latent_pos_embed.pos_embed", "max_latent_size"),
-                       ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side")):
+    for key, field, default in (("latent_pos_embed.pos_embed", "max_latent_size", cfg.max_latent_size),
+                                ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side",
+                                 cfg.vit_max_num_patch_per_side)):
         info = header.get(key)
-        if info is not None and len(info.shape) == 2:
-            side = math.isqrt(info.shape[0])
-            if side > 0 and side * side == info.shape[0]:
-                grids[field] = side
+        if info is None or len(info.shape) != 2 or info.shape[1] != cfg.llm.hidden_size:
+            continue
+        side = math.isqrt(info.shape[0])
+        if side == default or side * side != info.shape[0] or info.dtype not in FLOAT_DTYPES:
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            table = f.get_tensor(key).float()
+        if torch.allclose(table, sincos_table(cfg.llm.hidden_size, side), atol=1e-2):
+            grids[field] = side
     return replace(cfg, **grids)
 
 

@@ -114,10 +114,14 @@ def test_dummy_weights_have_the_official_tables(golden_dir: Path) -> None:
 
 
 def test_position_grids_follow_the_checkpoint(model_copy: Path) -> None:
-    """A checkpoint built with max_latent_size 32 (not the scripts' 64) loads with a 32-wide latent grid."""
+    """A checkpoint built with max_latent_size 32 (not the scripts' 64) loads with a 32-wide latent grid;
+    a cut-down 64-wide table of the same size is a wrong shape."""
     from irg_core.model.embed import sincos_table
 
     ema = model_copy / "ema.safetensors"
     _rewrite(ema, lambda t: t.__setitem__("latent_pos_embed.pos_embed", sincos_table(64, 32).bfloat16()))
     m = load_model(model_copy, device="cpu")
     assert m.cfg.max_latent_size == 32 and m.cfg.max_image_side == 512
+    _rewrite(ema, lambda t: t.__setitem__("latent_pos_embed.pos_embed", sincos_table(64, 64)[:1024].bfloat16()))
+    with pytest.raises(CheckpointError, match=r"latent_pos_embed.pos_embed has shape \[1024, 64\]"):
+        load_model(model_copy, device="cpu")
