@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 class Runner(Protocol):
     """What the worker needs from the engine (server.runner.EngineRunner)."""
+
+    device: str
+    model: str
 
     def run(self, params: GenerationParams, on_event: Any, should_cancel: Any) -> TrajectoryResult: ...
 
@@ -80,13 +84,13 @@ class Worker:
         self._ticker = threading.Thread(target=self._tick_loop, name=f"irg-ticker-{self.name}", daemon=True)
 
     # -- life cycle ---------------------------------------------------------------------------------------
-    def start(self, runner: Runner, device: str = "", model: str = "") -> None:
+    def start(self, runner: Runner) -> None:
         """Announce the worker as ready (call after the model is loaded and warmed up)."""
         self.runner = runner
-        self.info = replace(self.info, ready=True, device=device, model=model)
+        self.info = replace(self.info, ready=True, device=runner.device, model=runner.model)
         self.q.heartbeat(self.info)
         self._ticker.start()
-        log.info("worker=%s ready device=%s model=%s", self.name, device, model)
+        log.info("worker=%s ready device=%s model=%s", self.name, runner.device, runner.model)
 
     def run(self) -> None:
         """Claim and run jobs until asked to stop."""
@@ -109,6 +113,7 @@ class Worker:
             self.handback.set()
         self._stop_at = time.monotonic()
         self.stopping.set()
+        self.q.wake()
 
     def close(self) -> None:
         self._closed.set()
@@ -249,3 +254,38 @@ def _failure(job: JobRecord, e: Exception) -> dict[str, str]:
         return {"code": "out_of_memory", "message": f"out of memory: {e}"}
     log.exception("job=%s failed", job.id)
     return {"code": "internal_error", "message": f"{type(e).__name__}: {e}"}
+
+
+class WorkerThread:
+    """A worker on a thread of this process (`irg serve`): it loads its runner in the background, so the API
+    starts at once and /readyz turns 200 when the model is warm, then runs jobs until stopped."""
+
+    def __init__(self, queue: WorkerQueue, settings: Settings, load: Callable[[], Runner],
+                 on_fatal: Callable[[], None] | None = None, name: str | None = None):
+        self.worker = Worker(queue, settings, name=name or settings.worker_name or "embedded")
+        self.load, self.on_fatal = load, on_fatal
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="irg-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            runner = self.load()
+        except Exception as e:
+            log.error("worker=%s could not load the model: %s", self.worker.name, e)
+            self.error = e
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        if not self.worker.stopping.is_set():
+            self.worker.start(runner)
+            self.worker.run()
+
+    def stop(self) -> None:
+        # In-process, a job handed back has nowhere to go once the process ends: stop it at the next step.
+        self.worker.request_stop()
+        self.worker.request_stop()
+        self.thread.join(timeout=30)
+        self.worker.close()

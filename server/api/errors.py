@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import metrics
 from server.jobs import RequestError
@@ -22,6 +23,12 @@ OPENAI_PREFIX = "/v1/images/"
 STATUS_CODES = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 406: "not_acceptable", 413: "body_too_large", 415: "unsupported_media_type", 429: "queue_full",
                 503: "unavailable"}
+BODY_UNREADABLE = "the body could not be read as JSON text (is it UTF-8?)"
+# Documented on every route that takes a body.
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not UTF-8 text"},
+    413: {"description": "the body is larger than the server accepts (IRG_MAX_BODY_BYTES)"},
+}
 
 
 class ApiError(Exception):
@@ -93,7 +100,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "error")
-        return error_response(request.url.path, exc.status_code, code, str(exc.detail), None, exc.headers)
+        message = BODY_UNREADABLE if exc.status_code == 400 else str(exc.detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette lists the first route's methods only; a path can have several
+            headers["Allow"] = ", ".join(sorted({m for route in request.app.router.routes for m in getattr(
+                route, "methods", None) or () if route.matches(request.scope)[0] == Match.PARTIAL}))
+        return error_response(request.url.path, exc.status_code, code, message, None, headers)
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, exc: QueueFull) -> JSONResponse:

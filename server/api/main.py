@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
 from server.api import errors
@@ -40,6 +41,19 @@ def make_queue(settings: Settings) -> JobQueue:
     return MemoryQueue(settings)
 
 
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The schema of this deployment: without API keys configured, no operation requires one."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        if not settings.api_keys:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
                services: Sequence[Service] = ()) -> FastAPI:
     settings = settings or get_settings()
@@ -65,6 +79,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     for module in (generations, openai_images, health, docs):
         app.include_router(module.router)
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     # --- the web page (server/web/, built separately) is served at `/` when the directory exists. It is
     # --- mounted last so the API routes above take precedence; it holds static files only, no data.
     if WEB_DIR.is_dir():

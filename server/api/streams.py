@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -14,6 +15,14 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 RECONNECT_MS = 1000  # how soon an EventSource reconnects after the stream drops
+
+
+def sse_content(names: list[str], description: str) -> dict[str, Any]:
+    """OpenAPI content of an SSE response: each event as {event, id, data (JSON text), retry}."""
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string", "enum": names}, "id": {"type": "string"},
+        "data": {"type": "string", "description": "JSON"}, "retry": {"type": "integer"}}}
+    return {"text/event-stream": {"schema": event, "description": description}}
 
 
 async def _events(queue: JobQueue, job_id: str, after: str | None) -> AsyncIterator[ServerSentEvent]:

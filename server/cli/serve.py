@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 from typing import Any
 
 from server.cli.common import add_model_options
@@ -44,42 +43,20 @@ def engine_args(args: argparse.Namespace, settings: Any) -> argparse.Namespace:
     return args
 
 
-class EmbeddedWorker:
-    """The worker thread of `irg serve`: loads the model in the background (startup stays quick; /readyz
-    answers 200 once it is warm), then runs jobs from the in-process queue."""
+def embedded_worker(args: argparse.Namespace, settings: Any, on_fatal: Any) -> tuple[Any, Any]:
+    """The in-process queue and the worker thread that runs its jobs on the model the options name."""
+    from server.queue.memory import MemoryQueue
+    from server.worker import WorkerThread
 
-    def __init__(self, queue: Any, settings: Any, args: argparse.Namespace, on_fatal: Any):
-        from server.worker import Worker
+    model_args = engine_args(args, settings)
 
-        self.worker = Worker(queue, settings, name=settings.worker_name or "embedded")
-        self.args, self.on_fatal = args, on_fatal
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, name="irg-worker", daemon=True)
+    def load() -> Any:  # on the worker thread: torch loads while the API already answers
+        from server.runner import EngineRunner
 
-    def start(self) -> None:
-        self.thread.start()
+        return EngineRunner.open(model_args)
 
-    def _main(self) -> None:
-        try:
-            from server.runner import EngineRunner
-
-            runner = EngineRunner.open(self.args)
-        except Exception as e:
-            log.error("the worker could not load the model: %s", e)
-            self.error = e
-            self.on_fatal()
-            return
-        if self.worker.stopping.is_set():
-            return
-        self.worker.start(runner, runner.device, runner.model)
-        self.worker.run()
-
-    def stop(self) -> None:
-        # In-process, a job handed back has nowhere to go once the process ends: stop at the next step.
-        self.worker.request_stop()
-        self.worker.request_stop()
-        self.thread.join(timeout=30)
-        self.worker.close()
+    queue = MemoryQueue(settings)
+    return queue, WorkerThread(queue, settings, load, on_fatal)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,31 +66,20 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     settings = settings_from(args)
-    services = []
-    server: uvicorn.Server | None = None
+    servers: list[uvicorn.Server] = []
+    queue, worker = None, None
     if settings.redis_url:
         if args.model_dir or args.dummy_weights:
             raise CommandError("--redis serves the API only; give the model to `irg worker --model-dir`")
-        queue = None
     else:
-        from server.queue.memory import MemoryQueue
-
-        queue = MemoryQueue(settings)
-
-        def fatal() -> None:
-            if server is not None:
-                server.should_exit = True
-
-        embedded = EmbeddedWorker(queue, settings, engine_args(args, settings), fatal)
-        services.append(embedded)
-    app = create_app(settings, queue, services)
+        queue, worker = embedded_worker(args, settings, lambda: setattr(servers[0], "should_exit", True))
+    app = create_app(settings, queue, [worker] if worker else [])
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             access_log=not args.no_access_log, timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    servers.append(uvicorn.Server(config))
     log.info("serving on http://%s:%d (%s)", settings.host, settings.port,
              f"redis {settings.redis_url}" if settings.redis_url else "in-process queue and worker")
-    server.run()
-    for service in services:
-        if service.error is not None:
-            raise CommandError(f"the worker could not load the model: {service.error}")
+    servers[0].run()
+    if worker is not None and worker.error is not None:
+        raise CommandError(f"the worker could not load the model: {worker.error}")
     return 0

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     runner = EngineRunner.open(engine_args(args, settings))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.request_stop())
-    worker.start(runner, runner.device, runner.model)
+    worker.start(runner)
     try:
         worker.run()
     finally:

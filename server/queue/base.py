@@ -114,6 +114,9 @@ class WorkerQueue(Protocol):
 
     def heartbeat(self, info: WorkerInfo) -> None: ...
 
+    def wake(self) -> None:
+        """Make a claim() waiting in this process return early (a stopping worker need not wait it out)."""
+
     def remove_worker(self, name: str) -> None: ...
 
     def recover(self) -> int:

@@ -231,6 +231,10 @@ class MemoryQueue:
         with self._lock:
             self._workers[info.name] = (info, time.monotonic() + self.s.worker_ttl_s)
 
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
     def remove_worker(self, name: str) -> None:
         with self._lock:
             self._workers.pop(name, None)

@@ -242,6 +242,9 @@ class RedisWorkerQueue:
         pipe.sadd(self.k.workers, info.name)
         pipe.execute()
 
+    def wake(self) -> None:
+        """A waiting claim blocks on Redis for at most its timeout (a second); nothing to interrupt here."""
+
     def remove_worker(self, name: str) -> None:
         self.r.delete(self.k.worker(name))
         self.r.srem(self.k.workers, name)

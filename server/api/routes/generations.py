@@ -10,15 +10,15 @@ from fastapi.responses import JSONResponse
 
 from server import metrics
 from server.api.deps import JobDep, OwnerDep, QueueDep, SettingsDep, get_owner
-from server.api.errors import ApiError
-from server.api.streams import event_response, wait_for_end
-from server.events import valid_event_id
+from server.api.errors import BODY_ERRORS, ApiError
+from server.api.streams import event_response, sse_content, wait_for_end
+from server.events import ENGINE_EVENTS, QUEUED, STARTED, TERMINAL_EVENTS, valid_event_id
 from server.jobs import build_params, image_round, job_path, job_public, new_job
 from server.schemas import IMAGE_NAME_PATTERN, ErrorResponse, GenerateRequest, JobPublic
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], dependencies=[Depends(get_owner)])
 
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "the job's events (see API.md)"}}}
+SSE = sse_content([QUEUED, STARTED, *ENGINE_EVENTS, *sorted(TERMINAL_EVENTS)], "the job's events (API.md)")
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API keys are configured and none (or a wrong one) was sent"},
     404: {"model": ErrorResponse, "description": "no such job (or another key's)"},
@@ -37,7 +37,7 @@ def _idempotent_id(owner: str, key: str) -> str:
     200: {"model": JobPublic, "content": SSE, "description": "`stream`: the event stream; `wait`: the ended job"},
     401: ERRORS[401], 422: {"model": ErrorResponse, "description": "invalid parameters (nothing is queued)"},
     429: {"model": ErrorResponse, "description": "the queue is full; see Retry-After"},
-    503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}})
+    503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}, **BODY_ERRORS})
 async def create_generation(
     body: GenerateRequest, request: Request, queue: QueueDep, settings: SettingsDep, owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header(max_length=256, description=(

@@ -20,7 +20,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from server import metrics
 from server.api.deps import OwnerDep, QueueDep, SettingsDep, get_owner
 from server.api.errors import ApiError
-from server.api.streams import wait_for_end
+from server.api.streams import sse_content, wait_for_end
 from server.events import COMPLETED, follow
 from server.jobs import JobRecord, RequestError, build_params, image_url, new_job
 from server.queue.base import JobQueue, QueueFull
@@ -80,8 +80,10 @@ async def _submit(queue: JobQueue, params: dict[str, Any], owner: str, n: int) -
 
 
 @router.post("/generations", response_model=ImagesResponse, summary="Create images (OpenAI-compatible)",
-             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                        400: OPENAI_ERROR, 401: OPENAI_ERROR, 429: OPENAI_ERROR, 500: OPENAI_ERROR})
+             responses={200: {"content": sse_content(["image_generation.partial_image", "image_generation.completed",
+                                                      "error"], "with `stream`")},
+                        400: OPENAI_ERROR, 401: OPENAI_ERROR, 413: OPENAI_ERROR, 429: OPENAI_ERROR,
+                        500: OPENAI_ERROR, 503: OPENAI_ERROR, 504: OPENAI_ERROR})
 async def create_images(body: ImageGenerationRequest, request: Request, queue: QueueDep, settings: SettingsDep,
                         owner: OwnerDep) -> Response:
     width, height = _size(body.size)
