@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `irg serve` binds")
     port: int = Field(8000, ge=0, le=65535, description="port `irg serve` binds (0: any free port)")
     redis_url: str | None = Field(None, description="Redis URL; unset: the embedded in-process queue")
+    redis_pool_size: int = Field(64, ge=1, le=10_000, description="Redis connections an API process uses for "
+                                 "commands (watching clients have their own)")
     redis_prefix: str = Field("irg", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="prefix of every Redis key")
     model_dir: Path | None = Field(None, description="model directory (default: the embedded demo checkpoint)")
     device: str | None = Field(None, description="worker device: cpu, cuda, cuda:1 ... (default: cuda if any)")

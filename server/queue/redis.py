@@ -33,6 +33,8 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 READ_COUNT = 1000  # events per read at most
+POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
+STREAM_CONNECTIONS = 10_000  # Redis's default maxclients
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -65,21 +67,30 @@ def _available(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def client_options(settings: Settings) -> dict[str, Any]:
+def client_options() -> dict[str, Any]:
     # One immediate retry re-dials a pooled connection Redis closed (a restart); more would only delay
     # the answer while Redis is really down.
     return {"socket_connect_timeout": 2.0, "socket_timeout": 10.0, "retry": Retry(NoBackoff(), 1),
             "health_check_interval": 0}
 
 
+def _redis_url(settings: Settings) -> str:
+    return settings.redis_url or "redis://127.0.0.1:6379/0"
+
+
 class RedisJobQueue:
     """The API's face of the Redis queue."""
 
-    def __init__(self, settings: Settings, client: aioredis.Redis | None = None):
+    def __init__(self, settings: Settings):
         self.s = settings
         self.k = Keys(settings.redis_prefix)
-        self.r = client or aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
-                                                   **client_options(settings))
+        url = _redis_url(settings)
+        # Short commands share a bounded pool (a burst waits for a connection instead of opening hundreds);
+        # blocking stream reads, one per watching client, get their own pool so they never starve commands.
+        self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_S, **client_options()))
+        self.streams = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
+            url, max_connections=STREAM_CONNECTIONS, **client_options()))
         self._submit = self.r.register_script(lua.SUBMIT)
         self._cancel = self.r.register_script(lua.CANCEL)
 
@@ -110,7 +121,7 @@ class RedisJobQueue:
     @_available
     async def read_events(self, job_id: str, after: str | None, timeout: float) -> list[StoredEvent]:
         block = max(1, int(timeout * 1000))
-        got = await self.r.xread({self.k.events(job_id): after or "0-0"}, count=READ_COUNT, block=block)
+        got = await self.streams.xread({self.k.events(job_id): after or "0-0"}, count=READ_COUNT, block=block)
         if not got:
             return []
         return [StoredEvent(_text(eid), _text(f[b"type"]), _text(f[b"data"])) for eid, f in got[0][1]]
@@ -147,16 +158,16 @@ class RedisJobQueue:
 
     async def close(self) -> None:
         await self.r.aclose()
+        await self.streams.aclose()
 
 
 class RedisWorkerQueue:
     """A worker's face of the Redis queue (thread-safe: the loop and the timer thread share it)."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None):
+    def __init__(self, settings: Settings):
         self.s = settings
         self.k = Keys(settings.redis_prefix)
-        self.r = client or redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
-                                                **client_options(settings))
+        self.r = redis.Redis.from_url(_redis_url(settings), **client_options())
         self._claim = self.r.register_script(lua.CLAIM)
         self._emit = self.r.register_script(lua.EMIT)
         self._finish = self.r.register_script(lua.FINISH)
