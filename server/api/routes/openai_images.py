@@ -136,7 +136,7 @@ async def _collect(queue: JobQueue, jobs: list[JobRecord], body: ImageGeneration
 async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int) -> AsyncIterator[ServerSentEvent]:
     common = {"background": "opaque", "output_format": output.format, "quality": "auto", "size": output.size}
     index = 0
-    async for event in follow(queue, job_id):
+    async for event in (e async for batch in follow(queue, job_id) for e in batch):
         data = json.loads(event.data)
         if event.type == "image.done" and data["kind"] == "draft" and index < limit:
             png = await queue.get_image(job_id, data["round"])
