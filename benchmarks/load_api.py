@@ -231,7 +231,7 @@ def main() -> int:
     p.add_argument("--backend", choices=("memory", "redis", "both"), default="both")
     p.add_argument("--redis", default=os.environ.get("IRG_REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--submissions", type=int, default=3000)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--watchers", type=int, default=100)
     p.add_argument("--events", type=int, default=300)
     p.add_argument("--rate", type=float, default=100.0, help="events per second the publisher writes")
