@@ -154,7 +154,7 @@ class RedisJobQueue:
         gone = [n for n, b in zip(names, beats, strict=True) if b is None]
         if gone:
             await self.r.srem(self.k.workers, *gone)
-        return [WorkerInfo(**json.loads(b)) for b in beats if b is not None]
+        return [WorkerInfo.from_dict(json.loads(b)) for b in beats if b is not None]
 
     async def close(self) -> None:
         await self.fanout.close()

@@ -33,11 +33,11 @@ class Workers:
         self.s, self.demo_dir, self.logs = settings, demo_dir, logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ, IRG_REDIS_PREFIX=self.s.redis_prefix, **WORKER_ENV)
         log = (self.logs / f"{name}.log").open("wb")
         cmd = python_cmd("worker", "--redis", str(self.s.redis_url), "--name", name, "--model-dir",
-                         str(self.demo_dir), "--device", "cpu")
+                         str(self.demo_dir), "--device", "cpu", *extra)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
@@ -173,7 +173,8 @@ def test_redis_restart_under_a_running_api(redis_settings: Settings, own_redis: 
 def test_200_concurrent_submissions_against_a_bound_of_10(redis_settings: Settings, workers: Any) -> None:
     s = redis_settings.model_copy(update={"queue_max": 10})
     pool = workers(s)
-    pool.start("w1")
+    metrics_port = free_port()
+    pool.start("w1", "--metrics-port", str(metrics_port))
     pool.start("w2")
     with LiveServer(create_app(s)) as server:
         with server.client() as c:
@@ -194,3 +195,9 @@ def test_200_concurrent_submissions_against_a_bound_of_10(redis_settings: Settin
         with server.client() as c:
             wait_until(lambda: all(c.get(f"/v1/generations/{j}").json()["status"] == "succeeded"
                                    for j in accepted), timeout=90, interval=0.5)
+            api_metrics = c.get("/metrics").text
+        assert "irg_workers_alive 2.0" in api_metrics and "irg_queue_depth 0.0" in api_metrics
+        assert 'irg_jobs_rejected_total{reason="queue_full"}' in api_metrics
+        worker_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text  # the worker's own
+        assert 'irg_jobs_total{mode="direct",outcome="succeeded"}' in worker_metrics
+        assert 'irg_stage_seconds_count{round="1",stage="image"}' in worker_metrics
