@@ -52,5 +52,7 @@ async def follow(queue: JobQueue, job_id: str, after: str | None = None,
         if events:
             yield events
             after = events[-1].id
-        elif await queue.get(job_id) is None:  # expired or never existed
-            return
+        else:
+            job = await queue.get(job_id)
+            if job is None or job.terminal:  # gone, or resumed after its last event: nothing more will come
+                return

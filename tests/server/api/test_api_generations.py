@@ -66,6 +66,7 @@ def test_reconnect_with_last_event_id_gets_the_rest_exactly_once(serve: Any) -> 
         everything = read_stream(c, "GET", url)
         assert [e["id"] for e in first] + [e["id"] for e in rest] == [e["id"] for e in everything]
         assert [e["event"] for e in everything][-1] == "completed"
+        assert c.get(url, headers={"Last-Event-ID": everything[-1]["id"]}).status_code == 204  # nothing left
         assert c.get(url, headers={"Last-Event-ID": "../etc"}).status_code == 422
 
 
