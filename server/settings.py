@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(2.0, gt=0, description="worker heartbeat period; a worker is dead after 3 missed")
     cancel_poll_s: float = Field(0.2, gt=0, description="how often a busy worker looks for a cancellation")
     max_attempts: int = Field(3, ge=1, le=100, description="runs of a job whose workers died, before it fails")
-    drain_s: float = Field(60.0, ge=0, description="on SIGTERM, how long a worker may finish its job")
+    drain_s: float = Field(25.0, ge=0, description="on SIGTERM, how long a worker may finish its job before "
+                           "handing it back (fits a 30 s termination grace period)")
     sse_ping_s: float = Field(15.0, gt=0, description="SSE keep-alive comment period")
     sse_send_timeout_s: float = Field(30.0, gt=0, description="an SSE client that takes no data this long is dropped")
 
