@@ -1,0 +1,426 @@
+// The page's controller: reads the form, submits the job, follows its event stream and hands each event to the
+// view. Everything is plain browser JavaScript (no build step); the API is the one in API.md.
+
+import { HttpError, JobStream } from "./sse.js";
+import { TrajectoryView } from "./view.js";
+
+const API = "v1/generations"; // relative, so the page also works behind a path prefix
+const KEY_STORAGE = "irg.apiKey";
+const JOB_HASH = /^#(gen_[A-Za-z0-9_-]{1,64})$/;
+const LIMITS = { side: 1024, steps: 200, tokens: 4096, rounds: 8 }; // API.md's limits for BAGEL
+const LABELS = {
+  prompt: "Prompt", mode: "Mode", rounds: "Image rounds", width: "Width", height: "Height", steps: "Denoising steps",
+  seed: "Seed", max_tokens: "Thinking tokens", temperature: "Temperature", api_key: "API key",
+};
+
+const $ = (id) => document.getElementById(id);
+const form = $("form");
+const view = new TrajectoryView(document);
+let current = null; // the job being followed: { stream, state, cancelWanted, timer }
+let blockedUntil = 0; // after a 429, Generate waits for Retry-After
+
+/** Hooks for the browser test (and for curious people): see tests/web/test_page.py. */
+const debug = (window.irgDebug = {
+  validate: true, // false: send the form as typed, so the server's own 422 shows
+  dropAfter: 0, // > 0: drop the connection once, after this many events, as a network failure would
+  dropStream: () => current?.stream.drop(),
+  state: null,
+});
+
+// -- requests -----------------------------------------------------------------------------------------
+
+function authHeaders() {
+  const key = $("api_key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+/** An error in words, and the form field it is about. */
+function describe(err) {
+  if (!(err instanceof HttpError)) {
+    const offline = err instanceof TypeError;
+    return { message: offline ? `Could not reach the server (${err.message}).` : err.message };
+  }
+  const info = err.body?.error ?? {};
+  const detail = info.message ?? (typeof err.body?.detail === "string" ? err.body.detail : null);
+  const field = info.field ? info.field.split(".").pop() : null;
+  switch (err.status) {
+    case 401:
+    case 403:
+      return {
+        message: `${detail ?? "This server needs an API key."} Enter your API key and press Generate again.`,
+        field: "api_key",
+      };
+    case 404:
+      return { message: "The server does not know this job (it may have expired)." };
+    case 422: {
+      // The server's message starts with the field's path ("width: must be ..."): name it as the form does.
+      let what = detail ?? `${info.field ?? "the request"} is not valid`;
+      if (info.field && what.startsWith(`${info.field}:`)) {
+        what = `${LABELS[field] ?? info.field}${what.slice(info.field.length)}`;
+      }
+      return { message: `The server refused the request. ${what}.`, field };
+    }
+    case 429:
+      return { message: "The queue is full.", retryAfter: Number.parseInt(err.retryAfter ?? "5", 10) || 5 };
+    default:
+      return { message: `The server answered HTTP ${err.status}${detail ? `: ${detail}` : "."}` };
+  }
+}
+
+async function getJSON(path) {
+  const response = await fetch(path, { headers: authHeaders(), cache: "no-store" });
+  if (!response.ok) throw await HttpError.from(response);
+  return response.json();
+}
+
+// -- the form -----------------------------------------------------------------------------------------
+
+/** The request body, or the problems that keep it from being sent. */
+function readForm() {
+  const problems = [];
+  const raw = (name) => form.elements[name].value.trim();
+  const number = (name, lo, hi, { integer = true, multiple = 1, optional = false } = {}) => {
+    const text = raw(name);
+    if (optional && text === "") return undefined;
+    const value = Number(text);
+    const ok = text !== "" && Number.isFinite(value) && (!integer || Number.isInteger(value));
+    if (debug.validate && !(ok && value >= lo && value <= hi && value % multiple === 0)) {
+      const kind = multiple > 1 ? `a multiple of ${multiple}` : integer ? "a whole number" : "a number";
+      problems.push([name, `${LABELS[name]} must be ${kind} from ${lo} to ${hi}.`]);
+    }
+    return value;
+  };
+  const prompt = form.elements.prompt.value;
+  if (debug.validate && !prompt.trim()) problems.push(["prompt", "Type a prompt first."]);
+  const mode = raw("mode");
+  const body = {
+    prompt,
+    mode,
+    width: number("width", 16, LIMITS.side, { multiple: 16 }),
+    height: number("height", 16, LIMITS.side, { multiple: 16 }),
+    steps: number("steps", 2, LIMITS.steps),
+    thinking: {
+      max_tokens: number("max_tokens", 1, LIMITS.tokens),
+      temperature: number("temperature", 0, 10, { integer: false }),
+    },
+    stream: true,
+  };
+  if (mode === "irg") body.rounds = number("rounds", 2, LIMITS.rounds);
+  const seed = number("seed", 0, Number.MAX_SAFE_INTEGER, { optional: true });
+  if (seed !== undefined) body.seed = seed;
+  return { body, problems };
+}
+
+function showProblems(problems, summary) {
+  for (const [name, message] of problems) {
+    const input = form.elements[name];
+    if (!input) continue;
+    input.setAttribute("aria-invalid", "true");
+    input.setAttribute("aria-describedby", `${name}-problem`);
+    $(`${name}-problem`).textContent = message;
+  }
+  const box = $("form-error");
+  box.textContent = summary ?? problems.map(([, message]) => message).join(" ");
+  box.hidden = false;
+  form.elements[problems[0]?.[0]]?.focus();
+}
+
+function clearProblems() {
+  form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
+  form.querySelectorAll(".problem").forEach((el) => (el.textContent = ""));
+  $("form-error").hidden = true;
+}
+
+function setBusy(busy) {
+  $("submit").disabled = busy || Date.now() < blockedUntil;
+  $("submit").textContent = busy ? "Generating…" : "Generate";
+  $("cancel").disabled = !busy;
+}
+
+/** A 429: say so, and count down to when the queue may have room. */
+function queueFull(message, retryAfter) {
+  const box = $("form-error");
+  blockedUntil = Date.now() + retryAfter * 1000;
+  const tick = () => {
+    const left = Math.ceil((blockedUntil - Date.now()) / 1000);
+    box.textContent = left > 0 ? `${message} Retry in ${left} s.` : `${message} Try again now.`;
+    if (left <= 0) {
+      clearInterval(timer);
+      setBusy(current?.stream.terminal === false);
+    }
+  };
+  const timer = setInterval(tick, 1000);
+  box.hidden = false;
+  tick();
+}
+
+// -- following a job ----------------------------------------------------------------------------------
+
+/** Follow a job's stream: opened by `openFirst` (the POST), or from the start when `jobId` is known. */
+async function follow(openFirst, jobId, params) {
+  current?.stream.stop();
+  clearInterval(current?.timer);
+  const state = { jobId, status: "submitting", events: [], deltas: {}, texts: {}, mismatches: 0, images: {} };
+  const stream = new JobStream({
+    eventsUrl: (id) => `${API}/${id}/events`,
+    headers: authHeaders,
+    onEvent: (type, data, id) => onEvent(run, type, data, id),
+    onState: (what, info) => {
+      if (what === "reconnecting" && info.attempt) view.status(`Connection lost; reconnecting (try ${info.attempt})…`);
+    },
+  });
+  stream.jobId = jobId;
+  const started = performance.now();
+  const run = { stream, state, params, cancelWanted: false, started: false };
+  const tick = () => ($("elapsed").textContent = `${((performance.now() - started) / 1000).toFixed(1)} s elapsed`);
+  run.timer = setInterval(tick, 100);
+  current = run;
+  debug.state = Object.defineProperties(state, {
+    reconnects: { get: () => stream.reconnects, enumerable: true },
+    duplicates: { get: () => stream.duplicates, enumerable: true },
+  });
+  setBusy(true);
+  if (jobId) onJobId(run, jobId);
+  try {
+    await stream.run(openFirst);
+  } catch (err) {
+    const { message, field, retryAfter } = describe(err);
+    state.status = "error";
+    state.error = message;
+    if (field === "api_key") $("key-field").hidden = false;
+    if (retryAfter) {
+      view.status("Not submitted: the queue is full.", "error");
+      queueFull(message, retryAfter);
+    } else if (field && form.elements[field]) {
+      view.status("Not submitted.", "error");
+      showProblems([[field, message]], message);
+    } else {
+      view.status(stream.jobId ? "Lost track of the job." : "Not submitted.", "error");
+      view.error(message);
+    }
+    view.halt("Stopped");
+  } finally {
+    if (current === run) {
+      clearInterval(run.timer);
+      tick();
+      setBusy(false);
+    }
+  }
+}
+
+function onJobId(run, id) {
+  run.state.jobId = id;
+  history.replaceState(null, "", `#${id}`);
+  if (run.cancelWanted) cancel();
+  getJSON(`${API}/${id}`).then((job) => showFacts(job), () => {});
+}
+
+function showFacts(job) {
+  const p = job.params ?? {};
+  view.facts([
+    ["Job", job.id],
+    ["Seed", p.seed],
+    ["Size", p.width && `${p.width} × ${p.height}`],
+    ["Steps", p.steps],
+    ["Mode", p.mode && (p.mode === "irg" ? `irg, ${p.rounds} rounds` : p.mode)],
+  ]);
+}
+
+function onEvent(run, type, data, id) {
+  const { state, stream } = run;
+  state.events.push({ id, type });
+  if (stream.jobId && !state.jobId) onJobId(run, stream.jobId);
+  const k = data.round ?? 1;
+  const textKey = `${type.split(".")[0]}-${k}`; // thinking-1, reflection-2 ...
+  const title = (round) => (view.card(round).el.querySelector(".round-title").textContent || "image").toLowerCase();
+  switch (type) {
+    case "queued":
+      state.status = "queued";
+      view.status(data.position ? `Queued: position ${data.position}.` : "Queued.");
+      break;
+    case "started":
+      if (run.started) view.reset({ rounds: view.rounds, width: view.width, height: view.height, mode: view.mode });
+      run.started = true;
+      state.status = "running";
+      view.status(data.worker ? `Running on ${data.worker}.` : "Running.");
+      break;
+    case "thinking.delta":
+    case "reflection.delta":
+      state.deltas[textKey] = (state.deltas[textKey] ?? "") + data.text;
+      view.appendText(k, data.text);
+      view.status(k === 1 ? "Thinking: writing the plan…" : `Reflecting on the ${title(k - 1)}…`);
+      break;
+    case "thinking.done":
+    case "reflection.done":
+      state.texts[textKey] = data.text;
+      if (!view.finishText(k, data.text)) state.mismatches += 1;
+      break;
+    case "image.progress":
+      view.progress(k, data.step, data.steps);
+      view.status(`Drawing the ${title(k)}: step ${data.step} of ${data.steps}.`);
+      break;
+    case "image.done":
+      loadImage(run, k, data);
+      view.status(`The ${title(k)} is ready.`);
+      break;
+    case "completed":
+      finish(run, data.job ?? data);
+      break;
+    case "failed":
+      state.status = "failed";
+      state.error = data.error?.message ?? "unknown error";
+      view.status("Failed.", "error");
+      view.error(`The job failed: ${state.error}${data.error?.code ? ` (${data.error.code})` : ""}.`);
+      view.halt("Not drawn: the job failed");
+      break;
+    case "cancelled":
+      state.status = "cancelled";
+      view.status("Cancelled.", "idle");
+      view.halt("Cancelled");
+      break;
+  }
+  if (debug.dropAfter > 0 && state.events.length === debug.dropAfter) {
+    debug.dropAfter = 0;
+    stream.drop();
+  }
+}
+
+/** Images are fetched (with the API key, which <img src> cannot send) and shown from blob URLs. */
+async function loadImage(run, k, data) {
+  const { state } = run;
+  if (state.images[k]) return;
+  state.images[k] = "loading";
+  try {
+    const response = await fetch(data.url, { headers: authHeaders() });
+    if (!response.ok) throw await HttpError.from(response);
+    const blob = await response.blob();
+    if (current !== run) return;
+    view.image(k, URL.createObjectURL(blob), `${data.kind === "final" ? "Final" : "Draft"} image, round ${k}`);
+    state.images[k] = "loaded";
+  } catch (err) {
+    state.images[k] = "error";
+    view.imageError(k, `Could not load the image: ${describe(err).message}`);
+  }
+}
+
+function finish(run, job) {
+  const { state } = run;
+  showFacts(job);
+  for (const text of job.texts ?? []) {
+    const key = `${text.kind}-${text.round}`;
+    if (!(key in state.texts)) {
+      state.texts[key] = text.text;
+      view.finishText(text.round, text.text);
+    }
+  }
+  for (const image of job.images ?? []) loadImage(run, image.round, image);
+  view.timings(job.timings);
+  state.status = "succeeded";
+  const total = job.timings?.run_seconds;
+  view.status(total != null ? `Done in ${total.toFixed(1)} s.` : "Done.", "done");
+}
+
+// -- actions ------------------------------------------------------------------------------------------
+
+async function submit(event) {
+  event.preventDefault();
+  clearProblems();
+  const { body, problems } = readForm();
+  if (problems.length) {
+    showProblems(problems);
+    return;
+  }
+  sessionStorage.setItem(KEY_STORAGE, $("api_key").value.trim());
+  view.reset({ rounds: body.mode === "irg" ? body.rounds : 1, width: body.width, height: body.height, mode: body.mode });
+  view.status("Submitting…");
+  const post = (signal) =>
+    fetch(API, {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(body),
+      signal,
+    });
+  await follow(post, null, body);
+}
+
+async function cancel() {
+  const run = current;
+  if (!run || run.state.status === "cancelled") return;
+  $("cancel").disabled = true;
+  view.status("Cancelling…");
+  if (!run.state.jobId) {
+    run.cancelWanted = true; // sent as soon as the server names the job
+    return;
+  }
+  const response = await fetch(`${API}/${run.state.jobId}`, { method: "DELETE", headers: authHeaders() });
+  if (!response.ok && response.status !== 409) view.error(describe(await HttpError.from(response)).message);
+}
+
+/** Re-attach to the job named in the address (after a reload): its stream is replayed from the start. */
+async function attach(id) {
+  try {
+    const job = await getJSON(`${API}/${id}`);
+    const p = job.params;
+    view.reset({ rounds: p.rounds, width: p.width, height: p.height, mode: p.mode });
+    await follow(null, id, p);
+  } catch (err) {
+    view.status("Could not open that job.", "error");
+    view.error(describe(err).message);
+    if (describe(err).field === "api_key") $("key-field").hidden = false;
+  }
+}
+
+/** Whether the server wants API keys: asking for a job that cannot exist answers 401 then (404 otherwise). */
+async function probeKeys() {
+  try {
+    const response = await fetch(`${API}/gen_000000000000000000000000`, { cache: "no-store" });
+    if (response.status === 401) $("key-field").hidden = false;
+  } catch {
+    // unreachable: checkHealth says so
+  }
+}
+
+async function checkHealth() {
+  const el = $("health");
+  try {
+    const response = await fetch("readyz", { cache: "no-store" });
+    const ready = await response.json().catch(() => ({}));
+    const workers = ready.workers ? ` · ${ready.workers} worker${ready.workers === 1 ? "" : "s"}` : "";
+    el.textContent = response.ok ? `Ready${workers}` : `Not ready: ${ready.reason ?? `HTTP ${response.status}`}`;
+    el.dataset.tone = response.ok ? "done" : "error";
+  } catch {
+    el.textContent = "Server unreachable";
+    el.dataset.tone = "error";
+  }
+}
+
+const MODE_HINTS = {
+  irg: "Thinks, draws a draft, reflects on it, then draws the final image (one more draft per extra round).",
+  think: "Thinks first, then draws one image (BAGEL's own chain of thought).",
+  direct: "Draws one image straight from the prompt, with no text.",
+};
+
+function syncMode() {
+  const mode = form.elements.mode.value;
+  form.elements.rounds.disabled = mode !== "irg";
+  form.elements.max_tokens.disabled = form.elements.temperature.disabled = mode === "direct";
+  $("mode-hint").textContent = MODE_HINTS[mode];
+}
+
+form.addEventListener("submit", submit);
+form.elements.mode.addEventListener("change", syncMode);
+$("cancel").addEventListener("click", cancel);
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) form.requestSubmit();
+});
+const savedKey = sessionStorage.getItem(KEY_STORAGE);
+if (savedKey) {
+  $("api_key").value = savedKey;
+  $("key-field").hidden = false;
+}
+syncMode();
+probeKeys();
+checkHealth();
+setInterval(checkHealth, 15000);
+const match = JOB_HASH.exec(location.hash);
+if (match) attach(match[1]);
