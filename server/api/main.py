@@ -1,0 +1,87 @@
+"""The HTTP API: `create_app()` wires settings, the queue and the routers (the routes live in `routes/`).
+
+No torch here: an API replica in front of Redis starts in about a second and stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+
+from server.api import errors
+from server.api.limits import BodyLimit
+from server.api.routes import docs, generations, health, openai_images
+from server.queue.base import JobQueue
+from server.settings import Settings, get_settings
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+class Service(Protocol):
+    """Something that runs beside the API in the same process (the embedded worker of `irg serve`)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def make_queue(settings: Settings) -> JobQueue:
+    if settings.redis_url:
+        from server.queue.redis import RedisJobQueue
+
+        return RedisJobQueue(settings)
+    from server.queue.memory import MemoryQueue
+
+    return MemoryQueue(settings)
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The schema of this deployment: without API keys configured, no operation requires one."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        if not settings.api_keys:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
+               services: Sequence[Service] = ()) -> FastAPI:
+    settings = settings or get_settings()
+    queue = queue or make_queue(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for service in services:
+            service.start()
+        try:
+            yield
+        finally:
+            for service in services:
+                service.stop()
+            await queue.close()
+
+    app = FastAPI(title="IRG Server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None, description="Interleaving Reasoning Generation on BAGEL: prompt -> thinking -> "
+                  "draft image -> reflection -> final image, with every stage streamed (see API.md).")
+    app.state.settings = settings
+    app.state.queue = queue
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    for module in (generations, openai_images, health, docs):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+    # --- the web page (server/web/, built separately) is served at `/` when the directory exists. It is
+    # --- mounted last so the API routes above take precedence; it holds static files only, no data.
+    if WEB_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    return app

@@ -1,0 +1,47 @@
+"""A job's events as an SSE response (sse-starlette does the framing, pings, disconnects and shutdown)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from server.events import follow
+from server.queue.base import JobQueue, QueueUnavailable
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+RECONNECT_MS = 1000  # how soon an EventSource reconnects after the stream drops
+
+
+def sse_content(names: list[str], description: str) -> dict[str, Any]:
+    """OpenAPI content of an SSE response: each event as {event, id, data (JSON text), retry}."""
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string", "enum": names}, "id": {"type": "string"},
+        "data": {"type": "string", "description": "JSON"}, "retry": {"type": "integer"}}}
+    return {"text/event-stream": {"schema": event, "description": description}}
+
+
+async def _events(queue: JobQueue, job_id: str, after: str | None) -> AsyncIterator[ServerSentEvent]:
+    first = True
+    try:
+        async for event in follow(queue, job_id, after):
+            yield ServerSentEvent(data=event.data, event=event.type, id=event.id,
+                                  retry=RECONNECT_MS if first else None)
+            first = False
+    except QueueUnavailable as e:  # end the stream; the client resumes with Last-Event-ID
+        log.warning("job=%s stream ended: %s", job_id, e)
+
+
+def event_response(queue: JobQueue, job_id: str, after: str | None, settings: Settings) -> EventSourceResponse:
+    return EventSourceResponse(_events(queue, job_id, after), ping=settings.sse_ping_s,
+                               send_timeout=settings.sse_send_timeout_s)
+
+
+async def wait_for_end(queue: JobQueue, job_id: str, timeout: float) -> None:
+    """Return when the job has ended, or after `timeout` seconds."""
+    async for _ in follow(queue, job_id, None, deadline=time.monotonic() + timeout):
+        pass

@@ -1,0 +1,207 @@
+"""A job's record as the queue stores it (a flat hash of strings), and how requests and clients see it.
+
+Both queue backends keep a job as the same `dict[str, str]` (a Redis hash in the Redis backend), so one
+encoding serves both, and the worker updates a job by sending the fields it changed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from irg_core.params import GenerationParams, ParamError, RoundGuidance, default_guidance, image_rounds
+from server.schemas import DEFAULTS, GenerationOptions, JobLinks, JobPublic, TextOut
+from server.settings import Settings
+
+JSON_FIELDS = ("params", "options", "texts", "images", "timings", "usage", "error")
+FLOAT_FIELDS = ("created_at", "started_at", "finished_at")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+class RequestError(ValueError):
+    """A request the schema let through breaks a deployment limit or a cross-field rule (HTTP 422)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+def new_job_id() -> str:
+    return "gen_" + secrets.token_hex(12)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    params: dict[str, Any]  # ResolvedParams as JSON
+    owner: str = ""  # a digest of the API key that submitted it ("" without keys)
+    created_at: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)  # image_b64
+    status: str = "queued"
+    attempt: int = 0
+    worker: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    texts: list[dict[str, Any]] = field(default_factory=list)  # TextOut
+    images: list[dict[str, Any]] = field(default_factory=list)  # {round, kind, width, height}
+    timings: dict[str, Any] = field(default_factory=dict)  # {run_seconds, stages}
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cancel: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def image_rounds(self) -> int:
+        return int(self.params["rounds"])
+
+    def to_fields(self, *names: str) -> dict[str, str]:
+        """The hash fields (all, or those named) as strings."""
+        out = {}
+        for name in names or tuple(asdict(self)):
+            value = getattr(self, name)
+            if name in JSON_FIELDS:
+                out[name] = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            elif value is None:
+                out[name] = ""
+            elif isinstance(value, bool):
+                out[name] = "1" if value else ""
+            else:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_fields(cls, raw: dict[Any, Any]) -> JobRecord:
+        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in raw.items()}
+        kw: dict[str, Any] = {"id": d["id"], "params": json.loads(d["params"])}
+        for name in JSON_FIELDS[1:]:
+            if d.get(name):
+                kw[name] = json.loads(d[name])
+        for name in FLOAT_FIELDS:
+            kw[name] = float(d[name]) if d.get(name) else None
+        kw["created_at"] = kw["created_at"] or 0.0
+        kw.update(owner=d.get("owner", ""), status=d.get("status", "queued"), attempt=int(d.get("attempt") or 0),
+                  worker=d.get("worker", ""), cancel=bool(d.get("cancel")))
+        return cls(**kw)
+
+
+# -- requests -> parameters ----------------------------------------------------------------------------
+
+
+def _check_limits(opts: GenerationOptions, prompt: str, width: int, height: int, settings: Settings) -> None:
+    if len(prompt) > settings.max_prompt_chars:
+        raise RequestError("prompt", f"must be at most {settings.max_prompt_chars} characters")
+    for name, value in (("width", width), ("height", height)):
+        if value > settings.max_side:
+            raise RequestError(name, f"must be a multiple of 16 within [16, {settings.max_side}]")
+    if opts.steps > settings.max_steps:
+        raise RequestError("steps", f"must be within [2, {settings.max_steps}]")
+    if opts.thinking.max_tokens > settings.max_think_tokens:
+        raise RequestError("thinking.max_tokens", f"must be within [1, {settings.max_think_tokens}]")
+    if opts.mode != "irg" and opts.rounds not in (None, 1):
+        raise RequestError("rounds", f"mode {opts.mode} draws one image: rounds must be 1 or left out")
+    if opts.mode == "irg" and opts.rounds == 1:
+        raise RequestError("rounds", "mode irg needs at least 2 rounds (a draft and a final image)")
+
+
+def build_params(opts: GenerationOptions, prompt: str, width: int, height: int, settings: Settings) -> dict[str, Any]:
+    """The resolved parameters (ResolvedParams JSON) of a request; raises RequestError (422)."""
+    _check_limits(opts, prompt, width, height, settings)
+    rounds = (opts.rounds or DEFAULTS["rounds"]) if opts.mode == "irg" else 1
+    given = opts.guidance or []
+    n = image_rounds(opts.mode, rounds)
+    if len(given) > n:
+        raise RequestError("guidance", f"has {len(given)} entries but mode {opts.mode} draws {n} image(s)")
+    guidance = []
+    for k in range(1, n + 1):
+        g = asdict(default_guidance(k))
+        if k <= len(given):
+            g.update(given[k - 1].model_dump(exclude_none=True))
+        g["interval"] = list(g["interval"])
+        guidance.append(g)
+    seed = opts.seed if opts.seed is not None else secrets.randbits(31)  # < 2^53: exact in JavaScript too
+    params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
+              "steps": opts.steps, "seed": seed,
+              "thinking": {"max_tokens": opts.thinking.max_tokens, "temperature": opts.thinking.temperature},
+              "guidance": guidance}
+    try:
+        generation_params(params).validate(max_side=settings.max_side)
+    except ParamError as e:
+        raise RequestError(_api_field(e.field), e.message) from e
+    return params
+
+
+def _api_field(core_field: str) -> str:
+    return {"max_think_tokens": "thinking.max_tokens", "temperature": "thinking.temperature"}.get(core_field,
+                                                                                                   core_field)
+
+
+def generation_params(params: dict[str, Any]) -> GenerationParams:
+    """The engine's parameters from a job's resolved parameters."""
+    guidance = tuple(RoundGuidance(**dict(g, interval=tuple(g["interval"]))) for g in params["guidance"])
+    return GenerationParams(
+        prompt=params["prompt"], mode=params["mode"], rounds=params["rounds"], width=params["width"],
+        height=params["height"], steps=params["steps"],
+        seed=params["seed"], max_think_tokens=params["thinking"]["max_tokens"],
+        temperature=params["thinking"]["temperature"], guidance=guidance)
+
+
+def new_job(params: dict[str, Any], owner: str, image_b64: bool, job_id: str | None = None) -> JobRecord:
+    return JobRecord(id=job_id or new_job_id(), params=params, owner=owner, created_at=time.time(),
+                     options={"image_b64": image_b64})
+
+
+# -- images -----------------------------------------------------------------------------------------------
+
+
+def image_name(round_index: int, rounds: int) -> str:
+    """The name an image is announced under: final, draft (when it is the only one), round-N otherwise."""
+    if round_index == rounds:
+        return "final"
+    return "draft" if rounds == 2 else f"round-{round_index}"
+
+
+def image_round(name: str, rounds: int) -> int | None:
+    """Which round an image name means for a job of `rounds` image rounds (draft: the latest draft)."""
+    if name == "final":
+        return rounds
+    if name == "draft":
+        return rounds - 1 if rounds >= 2 else None
+    if name.startswith("round-") and name[6:].isdigit():
+        k = int(name[6:])
+        return k if 1 <= k <= rounds else None
+    return None
+
+
+def job_path(job_id: str) -> str:
+    return f"/v1/generations/{job_id}"
+
+
+def image_url(job_id: str, name: str) -> str:
+    return f"{job_path(job_id)}/images/{name}"
+
+
+# -- the public view -----------------------------------------------------------------------------------
+
+
+def job_public(job: JobRecord, position: int | None = None) -> JobPublic:
+    rounds = job.image_rounds
+    images = [dict(img, name=image_name(img["round"], rounds), url=image_url(job.id, image_name(img["round"], rounds)))
+              for img in job.images]
+    timings = dict(job.timings)
+    if job.started_at is not None:
+        timings["queued_seconds"] = max(0.0, job.started_at - job.created_at)
+    return JobPublic(
+        id=job.id, status=job.status, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at, queue_position=position if job.status == "queued" else None,
+        attempt=job.attempt, worker=job.worker or None, cancel_requested=job.cancel and not job.terminal,
+        params=job.params, texts=[TextOut(**t) for t in job.texts], images=images, timings=timings,
+        usage=job.usage, error=job.error,
+        links=JobLinks(self=job_path(job.id), events=f"{job_path(job.id)}/events"))

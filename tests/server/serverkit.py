@@ -1,0 +1,134 @@
+"""Helpers of the server tests: free ports, waiting, SSE parsing, live uvicorn servers on a thread, worker
+threads, and a model-free runner for the tests that are about the API alone."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+
+from irg_core.errors import Cancelled
+from irg_core.params import EngineEvent, GenerationParams, StageTiming, TrajectoryResult, image_rounds
+from server.settings import Settings
+from server.worker import WorkerThread
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("IRG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SMALL = {"width": 64, "height": 64, "steps": 4, "thinking": {"max_tokens": 8}}  # a job of well under a second
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """Parse an SSE stream into {id, event, data} dicts (comments skipped)."""
+    event: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            event[name] = value[1:] if value.startswith(" ") else value
+
+
+class FakeRunner:
+    """A model-free runner: the event sequence of a trajectory with flat images, in milliseconds. Used where
+    the tests are about the API (fuzzing) and the real model would only add minutes."""
+
+    device, model = "cpu", "fake"
+
+    def __init__(self, fail: BaseException | None = None, step_s: float = 0.0):
+        self.fail, self.step_s = fail, step_s
+
+    def run(self, params: GenerationParams, on_event: Any, should_cancel: Any) -> TrajectoryResult:
+        params = params.resolved()
+        params.validate(max_side=1024)
+        if self.fail is not None:
+            raise self.fail
+        n = image_rounds(params.mode, params.rounds)
+        for k in range(1, n + 1):
+            kind = "thinking" if k == 1 else "reflection"
+            if params.mode != "direct":
+                on_event(EngineEvent(f"{kind}.delta", {"round": k, "text": "plan "}))
+                on_event(EngineEvent(f"{kind}.done", {"round": k, "text": "plan "}))
+            for step in range(1, 3):
+                if should_cancel():
+                    raise Cancelled()
+                time.sleep(self.step_s)
+                on_event(EngineEvent("image.progress", {"round": k, "step": step, "steps": 2}))
+            image = np.full((params.height, params.width, 3), 30 * k, dtype=np.uint8)
+            on_event(EngineEvent("image.done", {"round": k, "kind": "final" if k == n else "draft",
+                                                "width": params.width, "height": params.height}, image=image))
+        return TrajectoryResult(params, stages=[StageTiming("image", 1, 0.001, steps=2)], total_seconds=0.002)
+
+    def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]:
+        return {"prompt_tokens": 1, "text_tokens": 2, "image_tokens": 3}
+
+    def memory(self) -> dict[str, int]:
+        return {}
+
+
+def start_worker(queue: Any, settings: Settings, runner: Any, name: str = "test-worker") -> WorkerThread:
+    thread = WorkerThread(queue, settings, lambda: runner, name=name)
+    thread.start()
+    wait_until(lambda: thread.worker.info.ready, timeout=10)
+    return thread
+
+
+class LiveServer:
+    """A real uvicorn server on a free loopback port, on a thread of the test process."""
+
+    def __init__(self, app: Any):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kw)
+
+
+def replace_settings(settings: Settings, **overrides: Any) -> Settings:
+    return settings.model_copy(update=overrides) if overrides else settings
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "server.cli", *args]
+
+
