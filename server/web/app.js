@@ -17,12 +17,14 @@ const $ = (id) => document.getElementById(id);
 const form = $("form");
 const view = new TrajectoryView(document);
 let current = null; // the job being followed: { stream, state, cancelWanted, timer }
+let busy = false; // following a job
 let blockedUntil = 0; // after a 429, Generate waits for Retry-After
 
 /** Hooks for the browser test (and for curious people): see tests/web/test_page.py. */
 const debug = (window.irgDebug = {
   validate: true, // false: send the form as typed, so the server's own 422 shows
-  dropAfter: 0, // > 0: drop the connection once, after this many events, as a network failure would
+  dropEvery: 0, // > 0: drop the connection after every this many events, as a flaky network would
+  dropOnOpen: false, // true: drop the next submission's stream before its first event (it is POSTed again)
   dropStream: () => current?.stream.drop(),
   state: null,
 });
@@ -112,12 +114,9 @@ function readForm() {
 }
 
 function showProblems(problems, summary) {
-  for (const [name, message] of problems) {
-    const input = form.elements[name];
-    if (!input) continue;
-    input.setAttribute("aria-invalid", "true");
-    input.setAttribute("aria-describedby", `${name}-problem`);
-    $(`${name}-problem`).textContent = message;
+  for (const [name] of problems) {
+    form.elements[name]?.setAttribute("aria-invalid", "true");
+    form.elements[name]?.setAttribute("aria-errormessage", "form-error");
   }
   const box = $("form-error");
   box.textContent = summary ?? problems.map(([, message]) => message).join(" ");
@@ -127,11 +126,11 @@ function showProblems(problems, summary) {
 
 function clearProblems() {
   form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
-  form.querySelectorAll(".problem").forEach((el) => (el.textContent = ""));
   $("form-error").hidden = true;
 }
 
-function setBusy(busy) {
+function setBusy(value) {
+  busy = value;
   $("submit").disabled = busy || Date.now() < blockedUntil;
   $("submit").textContent = busy ? "Generating…" : "Generate";
   $("cancel").disabled = !busy;
@@ -146,7 +145,7 @@ function queueFull(message, retryAfter) {
     box.textContent = left > 0 ? `${message} Retry in ${left} s.` : `${message} Try again now.`;
     if (left <= 0) {
       clearInterval(timer);
-      setBusy(current?.stream.terminal === false);
+      setBusy(busy);
     }
   };
   const timer = setInterval(tick, 1000);
@@ -160,8 +159,9 @@ function queueFull(message, retryAfter) {
 async function follow(openFirst, jobId, params) {
   current?.stream.stop();
   clearInterval(current?.timer);
-  const state = { jobId, status: "submitting", events: [], deltas: {}, texts: {}, mismatches: 0, images: {} };
+  const state = { jobId, status: "submitting", posts: 0, events: [], deltas: {}, texts: {}, images: {}, mismatches: 0 };
   const stream = new JobStream({
+    idempotent: true, // submissions carry an Idempotency-Key
     eventsUrl: (id) => `${API}/${id}/events`,
     headers: authHeaders,
     onEvent: (type, data, id) => onEvent(run, type, data, id),
@@ -279,10 +279,7 @@ function onEvent(run, type, data, id) {
       view.halt("Cancelled");
       break;
   }
-  if (debug.dropAfter > 0 && state.events.length === debug.dropAfter) {
-    debug.dropAfter = 0;
-    stream.drop();
-  }
+  if (debug.dropEvery > 0 && state.events.length % debug.dropEvery === 0) stream.drop();
 }
 
 /** Images are fetched (with the API key, which <img src> cannot send) and shown from blob URLs. */
@@ -331,16 +328,26 @@ async function submit(event) {
     return;
   }
   sessionStorage.setItem(KEY_STORAGE, $("api_key").value.trim());
-  view.reset({ rounds: body.mode === "irg" ? body.rounds : 1, width: body.width, height: body.height, mode: body.mode });
+  const rounds = body.mode === "irg" ? body.rounds : 1;
+  view.reset({ rounds, width: body.width, height: body.height, mode: body.mode });
   view.status("Submitting…");
-  const post = (signal) =>
-    fetch(API, {
-      method: "POST",
-      headers: { ...authHeaders(), "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify(body),
-      signal,
-    });
+  // The same Idempotency-Key makes a second POST (after a drop before the job was named) return the same job.
+  const headers = { "Content-Type": "application/json", Accept: "text/event-stream", "Idempotency-Key": randomKey() };
+  const post = async (signal) => {
+    current.state.posts += 1;
+    const init = { method: "POST", headers: { ...authHeaders(), ...headers }, body: JSON.stringify(body), signal };
+    const response = await fetch(API, init);
+    if (debug.dropOnOpen && response.ok) {
+      debug.dropOnOpen = false;
+      current.stream.drop();
+    }
+    return response;
+  };
   await follow(post, null, body);
+}
+
+function randomKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 async function cancel() {
@@ -370,10 +377,10 @@ async function attach(id) {
   }
 }
 
-/** Whether the server wants API keys: asking for a job that cannot exist answers 401 then (404 otherwise). */
+/** Whether the server wants API keys: its OpenAPI schema, like every route but the health checks, answers 401. */
 async function probeKeys() {
   try {
-    const response = await fetch(`${API}/gen_000000000000000000000000`, { cache: "no-store" });
+    const response = await fetch("openapi.json", { cache: "no-store" });
     if (response.status === 401) $("key-field").hidden = false;
   } catch {
     // unreachable: checkHealth says so

@@ -81,12 +81,13 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
  * Follows one job's event stream to its terminal event. The first connection is opened by the caller's
- * `openFirst(signal)` (the POST that submits the job; never retried: it is not idempotent); after a drop it
- * reconnects to `eventsUrl(jobId)` with `Last-Event-ID`, so no event is lost or repeated.
+ * `openFirst(signal)` (the POST that submits the job); after a drop it reconnects to `eventsUrl(jobId)` with
+ * `Last-Event-ID`, so no event is lost or repeated. A stream that drops before it named its job is opened
+ * again with `openFirst` only when that is `idempotent` (a POST with an Idempotency-Key).
  */
 export class JobStream {
-  constructor({ eventsUrl, headers, onEvent, onState }) {
-    Object.assign(this, { eventsUrl, headers, onEvent, onState });
+  constructor({ eventsUrl, headers, onEvent, onState, idempotent = false }) {
+    Object.assign(this, { eventsUrl, headers, onEvent, onState, idempotent });
     this.jobId = null;
     this.lastId = null;
     this.terminal = false;
@@ -110,15 +111,17 @@ export class JobStream {
   async run(openFirst) {
     let failures = 0;
     let open = openFirst;
+    let established = false; // a stream was opened: the job exists
     while (!this.stopped && !this.terminal) {
       if (!open) {
-        if (!this.jobId) throw new Error("The connection dropped before the server named the job.");
+        const again = established && this.idempotent && openFirst;
+        if (!this.jobId && !again) throw new Error("The connection dropped before the server named the job.");
         if (failures > MAX_FAILURES) throw new Error(`Lost the connection to the server (${failures} tries).`);
         const delay = BACKOFF_MS[Math.min(failures, BACKOFF_MS.length) - 1] ?? 0;
         this.onState("reconnecting", { attempt: failures, delay });
         await sleep(delay);
         if (this.stopped) return;
-        open = (signal) => this.resume(signal);
+        open = this.jobId ? (signal) => this.resume(signal) : openFirst;
       }
       const first = open === openFirst;
       const ctrl = (this.ctrl = new AbortController());
@@ -127,7 +130,7 @@ export class JobStream {
         response = await open(ctrl.signal);
       } catch (err) {
         if (this.stopped) return;
-        if (first) throw err; // the POST failed: whether a job exists is unknown
+        if (first && !established) throw err; // whether the POST created a job is unknown
         open = null;
         failures += 1;
         continue;
@@ -143,6 +146,7 @@ export class JobStream {
         this.jobId ??= job.id ?? null;
         continue;
       }
+      established = true;
       this.onState("connected", { resumed: !first });
       if (await this.read(response, ctrl, () => (failures = 0))) return;
       if (!this.terminal) {

@@ -39,6 +39,7 @@ export class TrajectoryView {
     this.cards.clear();
     this.roundsEl.replaceChildren();
     Object.assign(this, { rounds, width, height, mode });
+    this.roundsEl.dataset.count = rounds;
     for (let k = 1; k <= rounds; k++) this.card(k);
     this.timingsEl.hidden = true;
     this.error(null);
@@ -68,6 +69,7 @@ export class TrajectoryView {
     q(".thought").hidden = this.mode === "direct";
     card.text.setAttribute("aria-label", k === 1 ? "Thinking text" : `Reflection before round ${k}`);
     q(".frame").style.aspectRatio = `${this.width} / ${this.height}`;
+    q(".frame").classList.toggle("tiny", Math.max(this.width, this.height) <= 128); // show its pixels, unblurred
     card.placeholder.textContent = k === 1 ? "Waiting for the plan…" : "Waiting for the reflection…";
     if (this.mode === "direct") card.placeholder.textContent = "Waiting to start…";
     card.bar.setAttribute("aria-label", `${roundTitle(k, this.rounds)}: denoising progress`);
@@ -84,12 +86,14 @@ export class TrajectoryView {
   facts(entries) {
     const items = entries.filter(([, value]) => value !== undefined && value !== null && value !== "");
     this.factsEl.replaceChildren(
-      ...items.flatMap(([term, value]) => {
+      ...items.map(([term, value]) => {
+        const group = this.doc.createElement("div");
         const dt = this.doc.createElement("dt");
         const dd = this.doc.createElement("dd");
         dt.textContent = term;
         dd.textContent = value;
-        return [dt, dd];
+        group.append(dt, dd);
+        return group;
       }),
     );
   }
@@ -196,8 +200,9 @@ export class TrajectoryView {
       }),
     );
     const totals = [];
-    if (timings.queued_seconds != null) totals.push(row(["Waited in queue", "", seconds(timings.queued_seconds), null, ""]));
-    if (timings.run_seconds != null) totals.push(row(["Whole run", "", seconds(timings.run_seconds), null, ""]));
+    const total = (label, s) => s != null && totals.push(row([label, "", seconds(s), null, ""]));
+    total("Waited in queue", timings.queued_seconds);
+    total("Whole run", timings.run_seconds);
     foot.replaceChildren(...totals);
     this.timingsEl.hidden = false;
   }
