@@ -47,11 +47,12 @@ function describe(err) {
   const field = info.field ? info.field.split(".").pop() : null;
   switch (err.status) {
     case 401:
-    case 403:
-      return {
-        message: `${detail ?? "This server needs an API key."} Enter your API key and press Generate again.`,
-        field: "api_key",
-      };
+    case 403: {
+      const sent = Boolean(authHeaders().Authorization);
+      const refused = `The server refused the API key (${detail ?? `HTTP ${err.status}`}).`;
+      const why = sent ? refused : "This server needs an API key.";
+      return { message: `${why} Enter your key and press Generate again.`, field: "api_key" };
+    }
     case 404:
       return { message: "The server does not know this job (it may have expired)." };
     case 422: {
@@ -156,7 +157,7 @@ function queueFull(message, retryAfter) {
 // -- following a job ----------------------------------------------------------------------------------
 
 /** Follow a job's stream: opened by `openFirst` (the POST), or from the start when `jobId` is known. */
-async function follow(openFirst, jobId, params) {
+async function follow(openFirst, jobId) {
   current?.stream.stop();
   clearInterval(current?.timer);
   const state = { jobId, status: "submitting", posts: 0, events: [], deltas: {}, texts: {}, images: {}, mismatches: 0 };
@@ -166,12 +167,13 @@ async function follow(openFirst, jobId, params) {
     headers: authHeaders,
     onEvent: (type, data, id) => onEvent(run, type, data, id),
     onState: (what, info) => {
-      if (what === "reconnecting" && info.attempt) view.status(`Connection lost; reconnecting (try ${info.attempt})…`);
+      if (what === "reconnecting" && info.attempt) view.notice(`Connection lost; reconnecting (try ${info.attempt})…`);
+      if (what === "connected" && info.resumed) view.status(view.said, view.statusEl.dataset.tone);
     },
   });
   stream.jobId = jobId;
   const started = performance.now();
-  const run = { stream, state, params, cancelWanted: false, started: false };
+  const run = { stream, state, cancelWanted: false, started: false };
   const tick = () => ($("elapsed").textContent = `${((performance.now() - started) / 1000).toFixed(1)} s elapsed`);
   run.timer = setInterval(tick, 100);
   current = run;
@@ -192,17 +194,19 @@ async function follow(openFirst, jobId, params) {
       view.status("Not submitted: the queue is full.", "error");
       queueFull(message, retryAfter);
     } else if (field && form.elements[field]) {
-      view.status("Not submitted.", "error");
+      view.status(`Not submitted: check ${field === "api_key" ? "the API key" : "the highlighted field"}.`, "error");
       showProblems([[field, message]], message);
     } else {
       view.status(stream.jobId ? "Lost track of the job." : "Not submitted.", "error");
       view.error(message);
     }
-    view.halt("Stopped");
+    if (stream.jobId) view.halt("Stopped");
+    else view.clear(); // nothing was queued: no trajectory to show
   } finally {
     if (current === run) {
       clearInterval(run.timer);
-      tick();
+      if (stream.jobId) tick();
+      else $("elapsed").textContent = "";
       setBusy(false);
     }
   }
@@ -242,7 +246,7 @@ function onEvent(run, type, data, id) {
       if (run.started) view.reset({ rounds: view.rounds, width: view.width, height: view.height, mode: view.mode });
       run.started = true;
       state.status = "running";
-      view.status(data.worker ? `Running on ${data.worker}.` : "Running.");
+      view.status(data.worker ? `Running (worker ${data.worker}).` : "Running.");
       break;
     case "thinking.delta":
     case "reflection.delta":
@@ -359,8 +363,13 @@ async function cancel() {
     run.cancelWanted = true; // sent as soon as the server names the job
     return;
   }
-  const response = await fetch(`${API}/${run.state.jobId}`, { method: "DELETE", headers: authHeaders() });
-  if (!response.ok && response.status !== 409) view.error(describe(await HttpError.from(response)).message);
+  try {
+    const response = await fetch(`${API}/${run.state.jobId}`, { method: "DELETE", headers: authHeaders() });
+    if (!response.ok) throw await HttpError.from(response);
+  } catch (err) {
+    view.error(`Could not cancel: ${describe(err).message}`);
+    if (current === run && busy) $("cancel").disabled = false;
+  }
 }
 
 /** Re-attach to the job named in the address (after a reload): its stream is replayed from the start. */
@@ -369,11 +378,13 @@ async function attach(id) {
     const job = await getJSON(`${API}/${id}`);
     const p = job.params;
     view.reset({ rounds: p.rounds, width: p.width, height: p.height, mode: p.mode });
-    await follow(null, id, p);
+    await follow(null, id);
   } catch (err) {
+    const { message, field } = describe(err);
     view.status("Could not open that job.", "error");
-    view.error(describe(err).message);
-    if (describe(err).field === "api_key") $("key-field").hidden = false;
+    view.error(message);
+    if (field === "api_key") $("key-field").hidden = false;
+    else history.replaceState(null, "", location.pathname + location.search); // gone: forget it
   }
 }
 

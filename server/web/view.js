@@ -79,8 +79,20 @@ export class TrajectoryView {
   }
 
   status(text, tone = "busy") {
+    this.said = text;
     this.statusEl.textContent = text;
     this.statusEl.dataset.tone = tone;
+  }
+
+  /** A passing remark in the status line (the next status() replaces it; `said` keeps the last status). */
+  notice(text) {
+    this.statusEl.textContent = text;
+  }
+
+  /** No trajectory (the job was never queued). */
+  clear() {
+    this.roundsEl.replaceChildren();
+    this.cards.clear();
   }
 
   facts(entries) {

@@ -22,7 +22,7 @@ from tests.web.conftest import API_KEY, Server
 PROMPT = "A lighthouse on a cliff at dusk, waves crashing below"
 SMALL = {"width": 64, "height": 64, "steps": 4, "max_tokens": 48}  # the demo model is tiny and CPU-bound
 LONG = {"width": 256, "height": 256, "steps": 200, "max_tokens": 64}  # runs long enough to be stopped
-HUGE = {"width": 512, "height": 512, "steps": 200, "max_tokens": 1}  # runs for a minute or more
+HUGE = {"width": 1024, "height": 1024, "steps": 200, "max_tokens": 1}  # runs for minutes
 JOB_WAIT_S = 120  # generous: other test suites may share the two cores
 TERMINAL = ("succeeded", "failed", "cancelled", "error")
 
@@ -195,6 +195,16 @@ def test_stream_resumes_without_losing_or_repeating_events(browser, server):
     wait_for(browser, "return [...document.querySelectorAll('#rounds-view img')]"
              ".filter((i) => i.complete && i.naturalWidth > 0).length === 2", "both images to load", 30)
 
+    # A reload comes back to the job named in the address and replays its whole stream.
+    assert browser.current_url.endswith("#" + s["jobId"])
+    browser.refresh()
+    wait_for(browser, "const s = window.irgDebug?.state; return s && s.status === 'succeeded' && "
+             "[...document.querySelectorAll('#rounds-view img')].filter((i) => i.naturalWidth > 0).length === 2",
+             "the reloaded page to show the job again", 30)
+    again = state(browser)
+    assert again["jobId"] == s["jobId"] and again["posts"] == 0 and again["texts"] == s["texts"]
+    assert text_of(browser, ".round[data-round='1'] .thought-text") == s["texts"]["thinking-1"]
+
 
 def test_cancel_stops_a_running_job(browser, server):
     open_page(browser, server)
@@ -234,7 +244,7 @@ def test_invalid_input_is_explained_in_words(browser, server):
 
 
 def test_full_queue_and_queue_position_are_shown(browser, server):
-    body = {"prompt": "keeps the worker busy", "width": 512, "height": 512, "steps": 200, "thinking": {"max_tokens": 1}}
+    body = {"prompt": "keeps the worker busy", "width": 1024, "height": 1024, "steps": 200, "thinking": {"max_tokens": 1}}
     running = server.json("POST", "/v1/generations", body)["id"]
     waiting = None
     try:
