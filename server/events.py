@@ -37,17 +37,22 @@ def valid_event_id(value: str) -> bool:
 
 
 async def follow(queue: JobQueue, job_id: str, after: str | None = None,
-                 deadline: float | None = None) -> AsyncIterator[StoredEvent]:
-    """A job's events after `after` as they come, through its terminal event (or until `deadline`, monotonic)."""
+                 deadline: float | None = None) -> AsyncIterator[list[StoredEvent]]:
+    """A job's events after `after`, in batches as they come, through its terminal event (or until `deadline`,
+    monotonic)."""
     while True:
         block = READ_BLOCK_S if deadline is None else min(READ_BLOCK_S, deadline - time.monotonic())
         if block <= 0:
             return
         events = await queue.read_events(job_id, after, block)
-        for event in events:
-            yield event
-            if event.terminal:
-                return
-            after = event.id
-        if not events and await queue.get(job_id) is None:  # expired or never existed
+        ends = next((i for i, e in enumerate(events) if e.terminal), None)
+        if ends is not None:
+            yield events[:ends + 1]
             return
+        if events:
+            yield events
+            after = events[-1].id
+        else:
+            job = await queue.get(job_id)
+            if job is None or job.terminal:  # gone, or resumed after its last event: nothing more will come
+                return

@@ -95,25 +95,32 @@ class JobRecord:
 # -- requests -> parameters ----------------------------------------------------------------------------
 
 
-def _check_limits(opts: GenerationOptions, prompt: str, width: int, height: int, settings: Settings) -> None:
+def _check_limits(opts: GenerationOptions, prompt: str, settings: Settings, **values: int) -> None:
     if len(prompt) > settings.max_prompt_chars:
         raise RequestError("prompt", f"must be at most {settings.max_prompt_chars} characters")
-    for name, value in (("width", width), ("height", height)):
-        if value > settings.max_side:
-            raise RequestError(name, f"must be a multiple of 16 within [16, {settings.max_side}]")
-    if opts.steps > settings.max_steps:
-        raise RequestError("steps", f"must be within [2, {settings.max_steps}]")
-    if opts.thinking.max_tokens > settings.max_think_tokens:
-        raise RequestError("thinking.max_tokens", f"must be within [1, {settings.max_think_tokens}]")
+    side = (16, settings.max_side, "a multiple of 16 ")
+    limits = {"width": side, "height": side, "steps": (2, settings.max_steps, ""),
+              "max_tokens": (1, settings.max_think_tokens, "")}
+    for name, value in values.items():
+        lo, hi, what = limits[name]
+        if value > hi:
+            raise RequestError(_api_field(name), f"must be {what}within [{lo}, {hi}] on this server")
     if opts.mode != "irg" and opts.rounds not in (None, 1):
         raise RequestError("rounds", f"mode {opts.mode} draws one image: rounds must be 1 or left out")
     if opts.mode == "irg" and opts.rounds == 1:
         raise RequestError("rounds", "mode irg needs at least 2 rounds (a draft and a final image)")
 
 
-def build_params(opts: GenerationOptions, prompt: str, width: int, height: int, settings: Settings) -> dict[str, Any]:
-    """The resolved parameters (ResolvedParams JSON) of a request; raises RequestError (422)."""
-    _check_limits(opts, prompt, width, height, settings)
+def build_params(opts: GenerationOptions, prompt: str, width: int | None, height: int | None,
+                 settings: Settings) -> dict[str, Any]:
+    """The resolved parameters (ResolvedParams JSON) of a request; raises RequestError (422).
+
+    A field left out takes its default (irg_core.params), capped by the deployment's limit."""
+    width = width or min(DEFAULTS["width"], settings.max_side)
+    height = height or min(DEFAULTS["height"], settings.max_side)
+    steps = opts.steps or min(DEFAULTS["steps"], settings.max_steps)
+    max_tokens = opts.thinking.max_tokens or min(DEFAULTS["max_think_tokens"], settings.max_think_tokens)
+    _check_limits(opts, prompt, settings, width=width, height=height, steps=steps, max_tokens=max_tokens)
     rounds = (opts.rounds or DEFAULTS["rounds"]) if opts.mode == "irg" else 1
     given = opts.guidance or []
     n = image_rounds(opts.mode, rounds)
@@ -128,8 +135,8 @@ def build_params(opts: GenerationOptions, prompt: str, width: int, height: int, 
         guidance.append(g)
     seed = opts.seed if opts.seed is not None else secrets.randbits(31)  # < 2^53: exact in JavaScript too
     params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
-              "steps": opts.steps, "seed": seed,
-              "thinking": {"max_tokens": opts.thinking.max_tokens, "temperature": opts.thinking.temperature},
+              "steps": steps, "seed": seed,
+              "thinking": {"max_tokens": max_tokens, "temperature": opts.thinking.temperature},
               "guidance": guidance}
     try:
         generation_params(params).validate(max_side=settings.max_side)
@@ -138,9 +145,10 @@ def build_params(opts: GenerationOptions, prompt: str, width: int, height: int, 
     return params
 
 
-def _api_field(core_field: str) -> str:
-    return {"max_think_tokens": "thinking.max_tokens", "temperature": "thinking.temperature"}.get(core_field,
-                                                                                                   core_field)
+def _api_field(name: str) -> str:
+    """The request's name of an engine or limit field."""
+    return {"max_think_tokens": "thinking.max_tokens", "max_tokens": "thinking.max_tokens",
+            "temperature": "thinking.temperature"}.get(name, name)
 
 
 def generation_params(params: dict[str, Any]) -> GenerationParams:

@@ -74,8 +74,8 @@ class Request(BaseModel):
 class ThinkingOptions(Request):
     """How the thoughts (the plan, and each reflection) are decoded."""
 
-    max_tokens: int = Field(DEFAULTS["max_think_tokens"], ge=1, le=MAX_THINK_TOKENS,
-                            description="tokens decoded per thought at most")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_THINK_TOKENS, description=(
+        f"tokens decoded per thought at most (default {DEFAULTS['max_think_tokens']}, or the server's limit)"))
     temperature: float = Field(DEFAULTS["temperature"], ge=0.0, le=10.0, description="0 = greedy decoding")
 
 
@@ -113,8 +113,9 @@ class GenerationOptions(Request):
         "irg", description="irg: think, draft, reflect, refine; think: plan then one image; direct: one image")
     rounds: int | None = Field(None, ge=1, le=MAX_ROUNDS,
                                description=f"image rounds (default {DEFAULTS['rounds']} for irg; 1 otherwise)")
-    steps: int = Field(DEFAULTS["steps"], ge=2, le=MAX_STEPS,
-                       description="denoising timesteps per image (BAGEL counts 50 -> 49 model evaluations)")
+    steps: int | None = Field(None, ge=2, le=MAX_STEPS, description=(
+        f"denoising timesteps per image (default {DEFAULTS['steps']}, or the server's limit; BAGEL counts "
+        "50 -> 49 model evaluations)"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed; drawn when left out, always reported")
     thinking: ThinkingOptions = Field(default_factory=ThinkingOptions, description="thought decoding")
     guidance: list[GuidanceOptions] | None = Field(None, max_length=MAX_ROUNDS,
@@ -125,8 +126,10 @@ class GenerateRequest(GenerationOptions):
     """`POST /v1/generations`."""
 
     prompt: Prompt
-    width: int = Field(DEFAULTS["width"], ge=16, le=BAGEL_MAX_SIDE, multiple_of=16, description="pixels")
-    height: int = Field(DEFAULTS["height"], ge=16, le=BAGEL_MAX_SIDE, multiple_of=16, description="pixels")
+    width: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16,
+                              description=f"pixels (default {DEFAULTS['width']}, or the server's largest side)")
+    height: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16,
+                               description=f"pixels (default {DEFAULTS['height']}, or the server's largest side)")
     stream: bool = Field(False, description="answer with the job's SSE stream instead of 202 + job")
     wait: bool = Field(False, description="block until the job ends (bounded by the server) and return it")
     image_b64: bool = Field(False, description="image.done events also carry the PNG, base64-encoded, in `b64`")

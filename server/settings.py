@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `irg serve` binds")
     port: int = Field(8000, ge=0, le=65535, description="port `irg serve` binds (0: any free port)")
     redis_url: str | None = Field(None, description="Redis URL; unset: the embedded in-process queue")
+    redis_pool_size: int = Field(64, ge=1, le=10_000, description="Redis connections an API process uses for "
+                                 "commands (watching clients have their own)")
     redis_prefix: str = Field("irg", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="prefix of every Redis key")
     model_dir: Path | None = Field(None, description="model directory (default: the embedded demo checkpoint)")
     device: str | None = Field(None, description="worker device: cpu, cuda, cuda:1 ... (default: cuda if any)")
@@ -49,7 +51,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(2.0, gt=0, description="worker heartbeat period; a worker is dead after 3 missed")
     cancel_poll_s: float = Field(0.2, gt=0, description="how often a busy worker looks for a cancellation")
     max_attempts: int = Field(3, ge=1, le=100, description="runs of a job whose workers died, before it fails")
-    drain_s: float = Field(60.0, ge=0, description="on SIGTERM, how long a worker may finish its job")
+    drain_s: float = Field(25.0, ge=0, description="on SIGTERM, how long a worker may finish its job before "
+                           "handing it back (fits a 30 s termination grace period)")
     sse_ping_s: float = Field(15.0, gt=0, description="SSE keep-alive comment period")
     sse_send_timeout_s: float = Field(30.0, gt=0, description="an SSE client that takes no data this long is dropped")
 

@@ -129,7 +129,8 @@ class Worker:
         job = claim.job
         now = time.monotonic()
         running = _Running(claim, deadline=now + self.s.job_timeout_s, next_renew=now + self.s.lease_s / 3)
-        metrics.QUEUE_WAIT.observe(max(0.0, (job.started_at or time.time()) - job.created_at))
+        if claim.attempt == 1:  # a retry's wait would count the lost attempt's run
+            metrics.QUEUE_WAIT.observe(max(0.0, (job.started_at or time.time()) - job.created_at))
         log.info("worker=%s job=%s attempt=%d started", self.name, job.id, claim.attempt)
         self._current = running
         self._beat(busy=True)

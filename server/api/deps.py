@@ -1,4 +1,7 @@
-"""Dependencies of the routes, as typed aliases: settings, the queue, the caller's identity, a job it owns."""
+"""Dependencies of the routes, as typed aliases: settings, the queue, the caller's identity, a job it owns.
+
+All are `async def`: FastAPI runs a plain `def` dependency in a thread pool, a hop per request for nothing.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +22,12 @@ JOB_ID = re.compile(r"^gen_[0-9a-f]{24}$")
 bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured (IRG_API_KEYS)")
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     queue: JobQueue = request.app.state.queue
     return queue
 
@@ -37,7 +40,7 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def get_owner(settings: SettingsDep,
+async def get_owner(settings: SettingsDep,
               credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> str:
     """Who calls: a digest of their API key ("" when the server has no keys); 401 without a valid key."""
     if not settings.api_keys:

@@ -25,13 +25,15 @@ def sse_content(names: list[str], description: str) -> dict[str, Any]:
     return {"text/event-stream": {"schema": event, "description": description}}
 
 
-async def _events(queue: JobQueue, job_id: str, after: str | None) -> AsyncIterator[ServerSentEvent]:
-    first = True
+async def _events(queue: JobQueue, job_id: str, after: str | None) -> AsyncIterator[bytes]:
+    retry: int | None = RECONNECT_MS  # told once, with the first event
     try:
-        async for event in follow(queue, job_id, after):
-            yield ServerSentEvent(data=event.data, event=event.type, id=event.id,
-                                  retry=RECONNECT_MS if first else None)
-            first = False
+        async for batch in follow(queue, job_id, after):  # a batch goes out in one write
+            chunk = b""
+            for event in batch:
+                chunk += ServerSentEvent(data=event.data, event=event.type, id=event.id, retry=retry).encode()
+                retry = None
+            yield chunk
     except QueueUnavailable as e:  # end the stream; the client resumes with Last-Event-ID
         log.warning("job=%s stream ended: %s", job_id, e)
 
@@ -44,4 +46,4 @@ def event_response(queue: JobQueue, job_id: str, after: str | None, settings: Se
 async def wait_for_end(queue: JobQueue, job_id: str, timeout: float) -> None:
     """Return when the job has ended, or after `timeout` seconds."""
     async for _ in follow(queue, job_id, None, deadline=time.monotonic() + timeout):
-        pass
+        pass  # the events themselves are not needed, only that the last one came

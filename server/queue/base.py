@@ -8,7 +8,7 @@ monotonic ids that can be resumed after any id, and a bounded number of attempts
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from server.events import StoredEvent
@@ -54,10 +54,14 @@ class WorkerInfo:
     started_at: float = 0.0
     jobs: dict[str, int] = field(default_factory=dict)  # outcome -> count
     gpu_memory_bytes: int = 0
-    error: str = ""  # set when the worker could not start
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerInfo:
+        """Tolerant of fields it does not know (a newer worker's heartbeat)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 class JobQueue(Protocol):

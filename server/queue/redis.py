@@ -27,21 +27,20 @@ from server.events import StoredEvent
 from server.jobs import TERMINAL_STATUSES, JobRecord
 from server.queue import lua
 from server.queue.base import Claim, LeaseLost, QueueFull, QueueUnavailable, WorkerInfo, attempts_exhausted
+from server.queue.fanout import Fanout, text, to_events
 from server.queue.keys import PENDING_TTL_S, WAKE_MAXLEN, Keys
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 READ_COUNT = 1000  # events per read at most
+POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
+STREAM_CONNECTIONS = 10_000  # one per job watched at once, at most Redis's default maxclients
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _pairs(flat: list[Any]) -> dict[str, str]:
-    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _flat(fields: dict[str, str]) -> list[str]:
@@ -65,21 +64,31 @@ def _available(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def client_options(settings: Settings) -> dict[str, Any]:
+def client_options() -> dict[str, Any]:
     # One immediate retry re-dials a pooled connection Redis closed (a restart); more would only delay
     # the answer while Redis is really down.
     return {"socket_connect_timeout": 2.0, "socket_timeout": 10.0, "retry": Retry(NoBackoff(), 1),
             "health_check_interval": 0}
 
 
+def _redis_url(settings: Settings) -> str:
+    return settings.redis_url or "redis://127.0.0.1:6379/0"
+
+
 class RedisJobQueue:
     """The API's face of the Redis queue."""
 
-    def __init__(self, settings: Settings, client: aioredis.Redis | None = None):
+    def __init__(self, settings: Settings):
         self.s = settings
         self.k = Keys(settings.redis_prefix)
-        self.r = client or aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
-                                                   **client_options(settings))
+        url = _redis_url(settings)
+        # Short commands share a bounded pool (a burst waits for a connection instead of opening hundreds);
+        # the blocking stream reads, one per watched job (fanout.py), get their own pool.
+        self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_S, **client_options()))
+        streams = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
+            url, max_connections=STREAM_CONNECTIONS, **client_options()))
+        self.fanout = Fanout(streams)
         self._submit = self.r.register_script(lua.SUBMIT)
         self._cancel = self.r.register_script(lua.CANCEL)
 
@@ -109,11 +118,13 @@ class RedisJobQueue:
 
     @_available
     async def read_events(self, job_id: str, after: str | None, timeout: float) -> list[StoredEvent]:
-        block = max(1, int(timeout * 1000))
-        got = await self.r.xread({self.k.events(job_id): after or "0-0"}, count=READ_COUNT, block=block)
-        if not got:
-            return []
-        return [StoredEvent(_text(eid), _text(f[b"type"]), _text(f[b"data"])) for eid, f in got[0][1]]
+        key = self.k.events(job_id)
+        async with self.fanout.follow(key) as follower:
+            if not follower.covers(after):  # older than what the follower holds: straight from Redis
+                got = await self.r.xrange(key, min=f"({after}" if after else "-", count=READ_COUNT)
+                if got:
+                    return to_events(got)
+            return await follower.wait_after(after, timeout)
 
     @_available
     async def get_image(self, job_id: str, round_index: int) -> bytes | None:
@@ -136,27 +147,28 @@ class RedisJobQueue:
 
     @_available
     async def workers(self) -> list[WorkerInfo]:
-        names = sorted(_text(n) for n in await self.r.smembers(self.k.workers))
+        names = sorted(text(n) for n in await self.r.smembers(self.k.workers))
         if not names:
             return []
         beats = await self.r.mget([self.k.worker(n) for n in names])
         gone = [n for n, b in zip(names, beats, strict=True) if b is None]
         if gone:
             await self.r.srem(self.k.workers, *gone)
-        return [WorkerInfo(**json.loads(b)) for b in beats if b is not None]
+        return [WorkerInfo.from_dict(json.loads(b)) for b in beats if b is not None]
 
     async def close(self) -> None:
+        await self.fanout.close()
         await self.r.aclose()
+        await self.fanout.r.aclose()
 
 
 class RedisWorkerQueue:
     """A worker's face of the Redis queue (thread-safe: the loop and the timer thread share it)."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None):
+    def __init__(self, settings: Settings):
         self.s = settings
         self.k = Keys(settings.redis_prefix)
-        self.r = client or redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
-                                                **client_options(settings))
+        self.r = redis.Redis.from_url(_redis_url(settings), **client_options())
         self._claim = self.r.register_script(lua.CLAIM)
         self._emit = self.r.register_script(lua.EMIT)
         self._finish = self.r.register_script(lua.FINISH)
@@ -187,7 +199,7 @@ class RedisWorkerQueue:
     def claim(self, worker: str, timeout: float) -> Claim | None:
         if self._wake_id is None:  # read before the first attempt, so no wake-up in between is missed
             last = self.r.xrevrange(self.k.wake, count=1)
-            self._wake_id = _text(last[0][0]) if last else "0-0"
+            self._wake_id = text(last[0][0]) if last else "0-0"
         deadline = time.monotonic() + timeout
         while True:
             token = f"{worker}/{secrets.token_hex(6)}"
@@ -201,13 +213,13 @@ class RedisWorkerQueue:
                 return None
             woke = self.r.xread({self.k.wake: self._wake_id}, count=100, block=max(1, int(left * 1000)))
             if woke:
-                self._wake_id = _text(woke[0][1][-1][0])
+                self._wake_id = text(woke[0][1][-1][0])
 
     def emit(self, claim: Claim, type_: str, data: dict[str, Any], fields: dict[str, str] | None = None) -> str:
         claim.seq += 1
         keys = [self.k.lease(claim.job.id), self.k.job(claim.job.id), self.k.events(claim.job.id)]
         args = [claim.token, type_, _json(data), claim.seq, *_flat(fields or {})]
-        return _text(self._persist(lambda: self._emit(keys=keys, args=args)))
+        return text(self._persist(lambda: self._emit(keys=keys, args=args)))
 
     def put_image(self, claim: Claim, round_index: int, png: bytes) -> None:
         key = self.k.image(claim.job.id, round_index)
@@ -221,7 +233,7 @@ class RedisWorkerQueue:
             self._persist(lambda: self._finish(keys=keys, args=args))
         except LeaseLost:
             status = self.r.hget(self.k.job(job_id), "status")
-            if status is None or _text(status) not in TERMINAL_STATUSES:
+            if status is None or text(status) not in TERMINAL_STATUSES:
                 raise  # a retried finish whose first try landed is fine; anything else is a lost lease
 
     def release(self, claim: Claim) -> None:

@@ -3,6 +3,7 @@ threads, and a model-free runner for the tests that are about the API alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -54,6 +55,14 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict[str, str]]:
         elif not line.startswith(":"):
             name, _, value = line.partition(":")
             event[name] = value[1:] if value.startswith(" ") else value
+
+
+def read_stream(client: httpx.Client, method: str, url: str, **kw: Any) -> list[dict[str, Any]]:
+    """A whole SSE response as events with their JSON data parsed (asserts it is a 200 event stream)."""
+    with client.stream(method, url, **kw) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return [dict(e, data=json.loads(e["data"])) for e in sse_events(r.iter_lines())]
 
 
 class FakeRunner:

@@ -65,6 +65,7 @@ async def get_generation(job: JobDep, queue: QueueDep) -> JobPublic:
 
 @router.get("/{job_id}/events", summary="The job's event stream (SSE)", response_class=Response, responses={
     200: {"content": SSE, "description": "events from the start, or after Last-Event-ID"}, **ERRORS,
+    204: {"description": "the job has ended and the client has every event (Last-Event-ID is its last)"},
     422: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"}})
 async def get_events(
     job: JobDep, queue: QueueDep, settings: SettingsDep,
@@ -72,6 +73,8 @@ async def get_events(
 ) -> Response:
     if last_event_id is not None and not valid_event_id(last_event_id):
         raise ApiError(422, "invalid_request", "Last-Event-ID: not an event id of this server", "Last-Event-ID")
+    if job.terminal and last_event_id and not await queue.read_events(job.id, last_event_id, 0):
+        return Response(status_code=204)  # the client has it all; 204 tells an EventSource not to reconnect
     return event_response(queue, job.id, last_event_id, settings)
 
 

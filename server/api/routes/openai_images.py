@@ -45,9 +45,9 @@ class Output:
         return base64.b64encode(png).decode("ascii")
 
 
-def _size(value: str | None) -> tuple[int, int]:
+def _size(value: str | None) -> tuple[int | None, int | None]:
     if value in (None, "auto"):
-        return 1024, 1024
+        return None, None  # the default side
     width, height = (int(x) for x in value.split("x"))
     for side in (width, height):
         if side < 16 or side > 1024 or side % 16:
@@ -97,7 +97,7 @@ async def create_images(body: ImageGenerationRequest, request: Request, queue: Q
     params = build_params(body, body.prompt, width, height, settings)
     jobs = await _submit(queue, params, owner, n)
     output = Output(body.output_format or "png", 100 if body.output_compression is None else body.output_compression,
-                    f"{width}x{height}")
+                    f"{params['width']}x{params['height']}")
     if body.stream:
         limit = 3 if body.partial_images is None else body.partial_images
         return EventSourceResponse(_stream(queue, jobs[0].id, output, limit), ping=settings.sse_ping_s,
@@ -136,7 +136,7 @@ async def _collect(queue: JobQueue, jobs: list[JobRecord], body: ImageGeneration
 async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int) -> AsyncIterator[ServerSentEvent]:
     common = {"background": "opaque", "output_format": output.format, "quality": "auto", "size": output.size}
     index = 0
-    async for event in follow(queue, job_id):
+    async for event in (e async for batch in follow(queue, job_id) for e in batch):
         data = json.loads(event.data)
         if event.type == "image.done" and data["kind"] == "draft" and index < limit:
             png = await queue.get_image(job_id, data["round"])

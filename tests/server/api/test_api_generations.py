@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import threading
 from typing import Any
 
-import httpx
 from PIL import Image
 
-from tests.server.serverkit import SMALL, FakeRunner, sse_events, wait_until
-
-
-def stream(client: httpx.Client, method: str, url: str, **kw: Any) -> list[dict[str, Any]]:
-    with client.stream(method, url, **kw) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        return [dict(e, data=json.loads(e["data"])) for e in sse_events(r.iter_lines())]
+from tests.server.serverkit import SMALL, FakeRunner, read_stream, sse_events, wait_until
 
 
 def collapse(types: list[str]) -> list[str]:
@@ -31,7 +22,7 @@ IRG_ORDER = ["queued", "started", "thinking.delta", "thinking.done", "image.prog
 def test_stream_true_yields_every_stage_in_order_and_valid_pngs(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        events = stream(c, "POST", "/v1/generations", json={"prompt": "a red fox in snow", "stream": True,
+        events = read_stream(c, "POST", "/v1/generations", json={"prompt": "a red fox in snow", "stream": True,
                                                              **SMALL, "width": 80, "height": 48})
         assert collapse([e["event"] for e in events]) == IRG_ORDER
         ids = [e["id"] for e in events]
@@ -52,7 +43,7 @@ def test_stream_true_yields_every_stage_in_order_and_valid_pngs(serve: Any) -> N
 def test_accept_header_also_streams(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        events = stream(c, "POST", "/v1/generations", json={"prompt": "a boat", "mode": "direct", **SMALL},
+        events = read_stream(c, "POST", "/v1/generations", json={"prompt": "a boat", "mode": "direct", **SMALL},
                         headers={"Accept": "text/event-stream"})
         assert collapse([e["event"] for e in events]) == ["queued", "started", "image.progress", "image.done",
                                                          "completed"]
@@ -71,10 +62,11 @@ def test_reconnect_with_last_event_id_gets_the_rest_exactly_once(serve: Any) -> 
                 if event["event"] == "thinking.delta":
                     break
         assert c.get(f"/v1/generations/{job['id']}").json()["status"] == "running"
-        rest = stream(c, "GET", url, headers={"Last-Event-ID": first[-1]["id"]})
-        everything = stream(c, "GET", url)
+        rest = read_stream(c, "GET", url, headers={"Last-Event-ID": first[-1]["id"]})
+        everything = read_stream(c, "GET", url)
         assert [e["id"] for e in first] + [e["id"] for e in rest] == [e["id"] for e in everything]
         assert [e["event"] for e in everything][-1] == "completed"
+        assert c.get(url, headers={"Last-Event-ID": everything[-1]["id"]}).status_code == 204  # nothing left
         assert c.get(url, headers={"Last-Event-ID": "../etc"}).status_code == 422
 
 
@@ -115,7 +107,7 @@ def test_cancel_a_queued_job_it_never_runs(serve: Any) -> None:
         job = c.post("/v1/generations", json={"prompt": "a tree", **SMALL}).json()
         r = c.delete(job["links"]["self"])
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
-        assert [e["event"] for e in stream(c, "GET", job["links"]["events"])] == ["queued", "cancelled"]
+        assert [e["event"] for e in read_stream(c, "GET", job["links"]["events"])] == ["queued", "cancelled"]
         assert c.delete(job["links"]["self"]).status_code == 200  # idempotent
 
 
@@ -126,7 +118,7 @@ def test_cancel_a_running_job_stops_it(serve: Any) -> None:
         wait_until(lambda: c.get(job["links"]["self"]).json()["status"] == "running")
         r = c.delete(job["links"]["self"])
         assert r.status_code == 202 and r.json()["cancel_requested"]
-        events = stream(c, "GET", job["links"]["events"])
+        events = read_stream(c, "GET", job["links"]["events"])
         assert events[-1]["event"] == "cancelled"
         assert c.get(job["links"]["self"]).json()["status"] == "cancelled"
 
@@ -160,7 +152,7 @@ def test_many_watchers_of_one_job(serve: Any) -> None:
 
     def watch() -> None:
         with server.client() as c:
-            results.append([e["id"] for e in stream(c, "GET", job["links"]["events"])])
+            results.append([e["id"] for e in read_stream(c, "GET", job["links"]["events"])])
 
     threads = [threading.Thread(target=watch) for _ in range(20)]
     for t in threads:
