@@ -13,6 +13,8 @@ const LABELS = {
   seed: "Seed", max_tokens: "Thinking tokens", temperature: "Temperature", api_key: "API key",
 };
 
+const ENDED = ["succeeded", "failed", "cancelled"];
+
 const $ = (id) => document.getElementById(id);
 const form = $("form");
 const view = new TrajectoryView(document);
@@ -185,6 +187,7 @@ async function follow(openFirst, jobId) {
   if (jobId) onJobId(run, jobId);
   try {
     await stream.run(openFirst);
+    if (!stream.stopped && !ENDED.includes(state.status)) await settle(run);
   } catch (err) {
     const { message, field, retryAfter } = describe(err);
     state.status = "error";
@@ -210,6 +213,14 @@ async function follow(openFirst, jobId) {
       setBusy(false);
     }
   }
+}
+
+/** The stream ended without its last event reaching us: take the ending from the job itself. */
+async function settle(run) {
+  const job = await getJSON(`${API}/${run.state.jobId}`);
+  const type = { succeeded: "completed", failed: "failed", cancelled: "cancelled" }[job.status];
+  if (!type) throw new Error(`The event stream ended while the job was ${job.status}.`);
+  onEvent(run, type, type === "completed" ? job : { error: job.error }, null);
 }
 
 function onJobId(run, id) {

@@ -141,6 +141,10 @@ export class JobStream {
         failures += 1;
         continue;
       }
+      if (response.status === 204) {
+        this.terminal = true; // the stream had ended before this request: nothing more will come
+        return;
+      }
       if (!(response.headers.get("Content-Type") ?? "").includes("text/event-stream")) {
         const job = await response.json().catch(() => ({})); // a 202 with the job instead of its stream
         this.jobId ??= job.id ?? null;

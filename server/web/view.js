@@ -153,9 +153,7 @@ export class TrajectoryView {
     img.src = src;
     img.hidden = false;
     placeholder.hidden = true;
-    if (bar.value < bar.max || bar.max <= 1) {
-      bar.max = bar.value = 1;
-    }
+    bar.value = bar.max; // full, even when progress events were skipped
     barLabel.textContent = "done";
     state.textContent = "";
     el.classList.add("has-image");

@@ -244,7 +244,8 @@ def test_invalid_input_is_explained_in_words(browser, server):
 
 
 def test_full_queue_and_queue_position_are_shown(browser, server):
-    body = {"prompt": "keeps the worker busy", "width": 1024, "height": 1024, "steps": 200, "thinking": {"max_tokens": 1}}
+    body = {"prompt": "keeps the worker busy", "width": HUGE["width"], "height": HUGE["height"],
+            "steps": HUGE["steps"], "thinking": {"max_tokens": HUGE["max_tokens"]}}
     running = server.json("POST", "/v1/generations", body)["id"]
     waiting = None
     try:
