@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     wait_timeout_s: float = Field(300.0, gt=0, description="how long `wait: true` blocks at most")
     job_timeout_s: float = Field(1800.0, gt=0, description="a running job fails after this long")
     result_ttl_s: int = Field(86400, ge=1, description="finished jobs, their events and images expire after this")
+    keep_finished: int = Field(200, ge=1, description="in-process queue only: finished jobs kept in memory at most "
+                               "(the oldest go first, even before result_ttl_s)")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
     lease_s: float = Field(30.0, gt=0, description="a claimed job's lease; renewed every lease_s / 3")
     heartbeat_s: float = Field(2.0, gt=0, description="worker heartbeat period; a worker is dead after 3 missed")

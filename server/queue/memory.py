@@ -67,7 +67,7 @@ class MemoryQueue:
 
     def _purge(self) -> None:
         now = time.monotonic()
-        while self._expiry and self._expiry[0][0] <= now:
+        while self._expiry and (self._expiry[0][0] <= now or len(self._expiry) > self.s.keep_finished):
             _, job_id = heapq.heappop(self._expiry)
             self._jobs.pop(job_id, None)
             self._events.pop(job_id, None)

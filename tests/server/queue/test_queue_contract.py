@@ -210,3 +210,17 @@ async def test_finished_jobs_expire(q: Pair) -> None:
     assert await q.api.get(job.id) is None
     assert await q.api.get_image(job.id, 1) is None
     assert await q.api.read_events(job.id, None, 0.01) == []
+
+
+async def test_the_in_process_queue_keeps_a_bounded_number_of_finished_jobs(settings: Settings) -> None:
+    q = MemoryQueue(settings.model_copy(update={"keep_finished": 2}))
+    pair = Pair(q, q, q.s)
+    done = []
+    for _ in range(3):
+        job = pair.job()
+        await q.submit(job)
+        claim = await pair.claim()
+        q.finish(claim, "completed", {"job_id": job.id}, {"status": "succeeded"})
+        done.append(job.id)
+    await q.submit(pair.job())
+    assert [await q.get(j) is not None for j in done] == [False, True, True]
