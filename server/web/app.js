@@ -1,18 +1,13 @@
 // The page's controller: reads the form, submits the job, follows its event stream and hands each event to the
 // view. Everything is plain browser JavaScript (no build step); the API is the one in API.md.
 
+import { clearProblems, describe as describeError, readForm, showProblems } from "./form.js";
 import { HttpError, JobStream } from "./sse.js";
 import { TrajectoryView } from "./view.js";
 
 const API = "v1/generations"; // relative, so the page also works behind a path prefix
 const KEY_STORAGE = "irg.apiKey";
 const JOB_HASH = /^#(gen_[A-Za-z0-9_-]{1,64})$/;
-const LIMITS = { side: 1024, steps: 200, tokens: 4096, rounds: 8 }; // API.md's limits for BAGEL
-const LABELS = {
-  prompt: "Prompt", mode: "Mode", rounds: "Image rounds", width: "Width", height: "Height", steps: "Denoising steps",
-  seed: "Seed", max_tokens: "Thinking tokens", temperature: "Temperature", api_key: "API key",
-};
-
 const ENDED = ["succeeded", "failed", "cancelled"];
 
 const $ = (id) => document.getElementById(id);
@@ -38,40 +33,6 @@ function authHeaders() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-/** An error in words, and the form field it is about. */
-function describe(err) {
-  if (!(err instanceof HttpError)) {
-    const offline = err instanceof TypeError;
-    return { message: offline ? `Could not reach the server (${err.message}).` : err.message };
-  }
-  const info = err.body?.error ?? {};
-  const detail = info.message ?? (typeof err.body?.detail === "string" ? err.body.detail : null);
-  const field = info.field ? info.field.split(".").pop() : null;
-  switch (err.status) {
-    case 401:
-    case 403: {
-      const sent = Boolean(authHeaders().Authorization);
-      const refused = `The server refused the API key (${detail ?? `HTTP ${err.status}`}).`;
-      const why = sent ? refused : "This server needs an API key.";
-      return { message: `${why} Enter your key and press Generate again.`, field: "api_key" };
-    }
-    case 404:
-      return { message: "The server does not know this job (it may have expired)." };
-    case 422: {
-      // The server's message starts with the field's path ("width: must be ..."): name it as the form does.
-      let what = detail ?? `${info.field ?? "the request"} is not valid`;
-      if (info.field && what.startsWith(`${info.field}:`)) {
-        what = `${LABELS[field] ?? info.field}${what.slice(info.field.length)}`;
-      }
-      return { message: `The server refused the request. ${what}.`, field };
-    }
-    case 429:
-      return { message: "The queue is full.", retryAfter: Number.parseInt(err.retryAfter ?? "5", 10) || 5 };
-    default:
-      return { message: `The server answered HTTP ${err.status}${detail ? `: ${detail}` : "."}` };
-  }
-}
-
 async function getJSON(path) {
   const response = await fetch(path, { headers: authHeaders(), cache: "no-store" });
   if (!response.ok) throw await HttpError.from(response);
@@ -80,57 +41,8 @@ async function getJSON(path) {
 
 // -- the form -----------------------------------------------------------------------------------------
 
-/** The request body, or the problems that keep it from being sent. */
-function readForm() {
-  const problems = [];
-  const raw = (name) => form.elements[name].value.trim();
-  const number = (name, lo, hi, { integer = true, multiple = 1, optional = false } = {}) => {
-    const text = raw(name);
-    if (optional && text === "") return undefined;
-    const value = Number(text);
-    const ok = text !== "" && Number.isFinite(value) && (!integer || Number.isInteger(value));
-    if (debug.validate && !(ok && value >= lo && value <= hi && value % multiple === 0)) {
-      const kind = multiple > 1 ? `a multiple of ${multiple}` : integer ? "a whole number" : "a number";
-      problems.push([name, `${LABELS[name]} must be ${kind} from ${lo} to ${hi}.`]);
-    }
-    return value;
-  };
-  const prompt = form.elements.prompt.value;
-  if (debug.validate && !prompt.trim()) problems.push(["prompt", "Type a prompt first."]);
-  const mode = raw("mode");
-  const body = {
-    prompt,
-    mode,
-    width: number("width", 16, LIMITS.side, { multiple: 16 }),
-    height: number("height", 16, LIMITS.side, { multiple: 16 }),
-    steps: number("steps", 2, LIMITS.steps),
-    thinking: {
-      max_tokens: number("max_tokens", 1, LIMITS.tokens),
-      temperature: number("temperature", 0, 10, { integer: false }),
-    },
-    stream: true,
-  };
-  if (mode === "irg") body.rounds = number("rounds", 2, LIMITS.rounds);
-  const seed = number("seed", 0, Number.MAX_SAFE_INTEGER, { optional: true });
-  if (seed !== undefined) body.seed = seed;
-  return { body, problems };
-}
-
-function showProblems(problems, summary) {
-  for (const [name] of problems) {
-    form.elements[name]?.setAttribute("aria-invalid", "true");
-    form.elements[name]?.setAttribute("aria-errormessage", "form-error");
-  }
-  const box = $("form-error");
-  box.textContent = summary ?? problems.map(([, message]) => message).join(" ");
-  box.hidden = false;
-  form.elements[problems[0]?.[0]]?.focus();
-}
-
-function clearProblems() {
-  form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
-  $("form-error").hidden = true;
-}
+const describe = (err) => describeError(err, Boolean(authHeaders().Authorization));
+const problems = (list, summary) => showProblems(form, $("form-error"), list, summary);
 
 function setBusy(value) {
   busy = value;
@@ -198,7 +110,7 @@ async function follow(openFirst, jobId) {
       queueFull(message, retryAfter);
     } else if (field && form.elements[field]) {
       view.status(`Not submitted: check ${field === "api_key" ? "the API key" : "the highlighted field"}.`, "error");
-      showProblems([[field, message]], message);
+      problems([[field, message]], message);
     } else {
       view.status(stream.jobId ? "Lost track of the job." : "Not submitted.", "error");
       view.error(message);
@@ -336,10 +248,10 @@ function finish(run, job) {
 
 async function submit(event) {
   event.preventDefault();
-  clearProblems();
-  const { body, problems } = readForm();
-  if (problems.length) {
-    showProblems(problems);
+  clearProblems(form, $("form-error"));
+  const { body, problems: wrong } = readForm(form, debug.validate);
+  if (wrong.length) {
+    problems(wrong);
     return;
   }
   sessionStorage.setItem(KEY_STORAGE, $("api_key").value.trim());
