@@ -7,20 +7,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.staticfiles import StaticFiles
 
 from server.api import errors
 from server.api.limits import BodyLimit
-from server.api.routes import docs, generations, health, openai_images
+from server.api.routes import docs, generations, health, openai_images, web
 from server.queue.base import JobQueue
 from server.settings import Settings, get_settings
-
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 class Service(Protocol):
@@ -80,8 +76,5 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
     for module in (generations, openai_images, health, docs):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
-    # --- the web page (server/web/, built separately) is served at `/` when the directory exists. It is
-    # --- mounted last so the API routes above take precedence; it holds static files only, no data.
-    if WEB_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    app.include_router(web.router)  # last: `/{name}` must not shadow the API's paths
     return app
