@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("IRG_SHARED_DIR", REPO.parent / "shared"))
+
+
+def _shared_dir() -> Path:
+    """IRG_SHARED_DIR, else `../shared` beside the checkout (CI); a git worktree one level deeper also works."""
+    candidates = [Path(os.environ["IRG_SHARED_DIR"])] if os.environ.get("IRG_SHARED_DIR") else []
+    candidates += [REPO.parent / "shared", REPO.parents[1] / "shared"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED = _shared_dir()
 GOLDEN = SHARED / "golden" / "tiny_bagel_a"
 
 
