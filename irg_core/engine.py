@@ -55,8 +55,8 @@ class Engine:
         self.device, self.dtype = loaded.device, loaded.dtype
         self.page_size = page_size
         self.pool: KVPool | None = None
-        # KV is bfloat16 as in the official code; on CPU it is kept in float32 holding bfloat16 values.
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        # KV is bfloat16 as in the official code; with float32 weights it is kept in float32 holding bf16 values.
+        self.kv_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
 
     # -- pool ---------------------------------------------------------------------------------------
     def reset_pool(self, tokens: int, segments: int) -> KVPool:

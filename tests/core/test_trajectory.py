@@ -166,3 +166,15 @@ def test_bad_parameters_are_named(engine: Engine) -> None:
         run_trajectory(engine, small(guidance=(RoundGuidance(), RoundGuidance(renorm="local"))))
     with pytest.raises(ParamError, match="text_scale"):
         run_trajectory(engine, small(guidance=(RoundGuidance(text_scale=float("nan")),)))
+
+
+def test_bfloat16_weights_run_the_gpu_precision_path(golden_dir: Path, engine: Engine) -> None:
+    """bfloat16 weights (what a GPU runs) on the CPU: same code path, bf16 KV pool, close to float32."""
+    bf16 = Engine(load_model(golden_dir / "model", device="cpu", dtype=torch.bfloat16), page_size=16)
+    p = small(max_think_tokens=4)
+    low = run_trajectory(bf16, p, keep_tensors=True)
+    assert bf16.pool is not None and bf16.pool.data.dtype == torch.bfloat16
+    full = run_trajectory(engine, p, keep_tensors=True)
+    a, b = low.tensors["round1.final_latent"], full.tensors["round1.final_latent"]
+    assert torch.isfinite(a).all() and float((a - b).norm() / b.norm()) < 0.1
+    assert low.rounds[1].image.shape == (48, 64, 3)
