@@ -27,7 +27,15 @@ from PIL import Image
 
 from irg_core.engine import Branches, Engine
 from irg_core.kv_cache import EMPTY, Context
-from irg_core.params import EngineEvent, GenerationParams, RoundResult, StageTiming, TrajectoryResult, image_rounds
+from irg_core.params import (
+    EngineEvent,
+    GenerationParams,
+    ParamError,
+    RoundResult,
+    StageTiming,
+    TrajectoryResult,
+    image_rounds,
+)
 from irg_core.tokenizer import StreamDecoder
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM
 
@@ -142,6 +150,18 @@ def pool_budget(engine: Engine, params: GenerationParams, prompt_tokens: int) ->
     return tokens, 6 * rounds + 8
 
 
+def _check_reencode_fits(engine: Engine, params: GenerationParams) -> None:
+    """A draft goes back through the VAE transform (short side >= 512): its latent grid must fit the model's."""
+    if image_rounds(params.mode, params.rounds) < 2:
+        return
+    w, h = VAE_TRANSFORM.target_size(params.width, params.height)
+    d, grid = engine.cfg.latent_downsample, engine.cfg.max_latent_size
+    if max(w, h) // d > grid:
+        side = "width" if w >= h else "height"
+        raise ParamError(side, f"a {params.width}x{params.height} draft is re-encoded at {w}x{h}, more than this "
+                               f"model's {grid}x{grid} latent grid; use a less elongated size")
+
+
 def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink | None = None,
                    should_cancel: Callable[[], bool] | None = None, keep_tensors: bool = False,
                    fixed_thoughts: bool = False) -> TrajectoryResult:
@@ -151,6 +171,7 @@ def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink
     """
     params = params.resolved()
     params.validate(max_side=engine.cfg.max_image_side)
+    _check_reencode_fits(engine, params)
     run = _Run(engine, params, on_event, should_cancel, keep_tensors, fixed_thoughts)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)

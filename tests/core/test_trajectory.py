@@ -178,3 +178,42 @@ def test_bfloat16_weights_run_the_gpu_precision_path(golden_dir: Path, engine: E
     a, b = low.tensors["round1.final_latent"], full.tensors["round1.final_latent"]
     assert torch.isfinite(a).all() and float((a - b).norm() / b.norm()) < 0.1
     assert low.rounds[1].image.shape == (48, 64, 3)
+
+
+def test_other_model_sizes_and_a_non_square_image(golden_dir: Path) -> None:
+    """Nothing assumes the golden's sizes: another head layout, a 4-level VAE, a tall image, three rounds."""
+    from irg_core.config import BagelConfig
+    from irg_core.loader import build_dummy
+    from irg_core.tokenizer import Tokenizer
+
+    cfg = BagelConfig.from_dict({
+        "llm": {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 3,
+                "intermediate_size": 160, "vocab_size": 151700, "rope_theta": 10000.0},
+        "vit": {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 3, "num_hidden_layers": 3},
+        "vae": {"ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1}})
+    tok = Tokenizer.from_dir(golden_dir / "model")
+    e = Engine(build_dummy(cfg, "cpu", torch.float32, seed=3, tokenizer=tok), page_size=8)
+    p = small(width=48, height=112, rounds=3, prompt="Ein Leuchtturm in der Dämmerung, 灯塔 🌅")
+    r = run_trajectory(e, p, keep_tensors=True)
+    assert [x.image.shape for x in r.rounds] == [(112, 48, 3)] * 3
+    assert r.tensors["round3.final_latent"].shape == (3 * 7, 64)
+    with pytest.raises(ParamError, match="at most 1024"):
+        run_trajectory(e, small(width=1040))
+
+
+def test_a_draft_that_cannot_be_re_encoded_is_refused_up_front(golden_dir: Path, tmp_path: Path) -> None:
+    """With a 32x32 latent grid, a tall draft re-encoded with its long side at 1024 would not fit: a named error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from irg_core.model.embed import sincos_table
+
+    model = Path(shutil.copytree(golden_dir / "model", tmp_path / "model", copy_function=shutil.copyfile))
+    tensors = load_file(str(model / "ema.safetensors"))
+    tensors["latent_pos_embed.pos_embed"] = sincos_table(64, 32).bfloat16()
+    save_file(tensors, str(model / "ema.safetensors"))
+    e = Engine(load_model(model, device="cpu"), page_size=16)
+    with pytest.raises(ParamError, match="height: a 48x112 draft is re-encoded at 432x1024"):
+        run_trajectory(e, small(width=48, height=112))
+    assert len(run_trajectory(e, small(width=48, height=112, mode="think")).rounds) == 1
