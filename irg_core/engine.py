@@ -49,7 +49,6 @@ class Branches:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, page_size: int = DEFAULT_PAGE_SIZE):
-        self.m = loaded
         self.model, self.vae, self.tok = loaded.model, loaded.vae, loaded.tokenizer
         self.cfg = loaded.cfg
         self.device, self.dtype = loaded.device, loaded.dtype
