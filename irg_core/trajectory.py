@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from importlib import resources
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from irg_core.tokenizer import StreamDecoder
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM
 
 EventSink = Callable[[EngineEvent], None]
+T = TypeVar("T")
 PROMPT_FILES = {"irg": "irg_system_prompt.txt", "think": "bagel_think_prompt.txt"}
 
 
@@ -70,7 +72,10 @@ class _Run:
         if self.e.device.type == "cuda":
             torch.cuda.synchronize(self.e.device)
 
-    def timed(self, stage: str, round_index: int, fn: Callable[[], object], **counts: int) -> object:
+    def kind(self, k: int) -> str:
+        return "final" if k == self.n_images else "draft"
+
+    def timed(self, stage: str, round_index: int, fn: Callable[[], T], **counts: int) -> T:
         self._sync()
         start = time.perf_counter()
         out = fn()
@@ -109,16 +114,15 @@ class _Run:
         def on_step(step: int, steps: int) -> None:
             self.emit(EngineEvent("image.progress", {"round": k, "step": step, "steps": steps}))
 
-        def draw() -> object:
+        def draw() -> torch.Tensor:
             return e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel)
 
         latent = self.timed("image", k, draw, steps=p.steps - 1)
         pixels = self.timed("decode", k, lambda: e.decode_latent(latent, p.width, p.height)[1])
         if self.keep_tensors:
             self.result.tensors[f"round{k}.init_noise"] = noise
-            self.result.tensors[f"round{k}.final_latent"] = latent.float().cpu()  # type: ignore[attr-defined]
-        kind = "final" if k == self.n_images else "draft"
-        self.emit(EngineEvent("image.done", {"round": k, "kind": kind, "width": p.width, "height": p.height},
+            self.result.tensors[f"round{k}.final_latent"] = latent.float().cpu()
+        self.emit(EngineEvent("image.done", {"round": k, "kind": self.kind(k), "width": p.width, "height": p.height},
                               image=pixels))
         return Image.fromarray(pixels)
 
@@ -129,11 +133,10 @@ class _Run:
         def run() -> Context:
             return self.e.prefill_vit_image(self.e.prefill_vae_image(ctx, image, eps_seed), image)
 
-        return self.timed("reencode", k, run)  # type: ignore[return-value]
+        return self.timed("reencode", k, run)
 
     def record(self, k: int, text: str | None, ids: list[int], image: Image.Image) -> None:
-        kind = "final" if k == self.n_images else "draft"
-        self.result.rounds.append(RoundResult(k, kind, text, ids, self.p.guidance[k - 1], np.asarray(image)))
+        self.result.rounds.append(RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image)))
 
 
 def pool_budget(engine: Engine, params: GenerationParams, prompt_tokens: int) -> tuple[int, int]:
@@ -186,7 +189,7 @@ def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink
         with_system = engine.prefill_text(EMPTY, system_ids) if system_ids else EMPTY
         return with_system, engine.prefill_text(with_system, prompt_ids)
 
-    with_system, main = run.timed("prefill", 0, prefill)  # type: ignore[misc]
+    with_system, main = run.timed("prefill", 0, prefill)
     if params.mode == "direct":
         image = run.image(1, Branches(main, with_system, main))
         run.record(1, None, [], image)
