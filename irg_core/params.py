@@ -62,6 +62,10 @@ class RoundGuidance:
         if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
             raise ParamError(f"{where}.interval", "must be [lo, hi] with 0 <= lo <= hi <= 1")
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (the interval as a list)."""
+        return dict(asdict(self), interval=list(self.interval))
+
 
 # API.md defaults: round 1 text 4.0 on [0.4, 1] with global renorm; later rounds text 2.0 and image 2.0
 # (the paper's dual guidance) on [0, 1] with text_channel renorm; shift 3 everywhere.
@@ -72,6 +76,13 @@ LATER_ROUND = RoundGuidance(2.0, 2.0, (0.0, 1.0), "text_channel", 0.0, 3.0)
 def default_guidance(round_index: int) -> RoundGuidance:
     """Default guidance of image round `round_index` (1-based)."""
     return FIRST_ROUND if round_index == 1 else LATER_ROUND
+
+
+def round_guidance(round_index: int, overrides: dict[str, Any]) -> RoundGuidance:
+    """Round `round_index`'s default guidance with the keys of `overrides` replaced."""
+    merged = dict(asdict(default_guidance(round_index)), **overrides)
+    merged["interval"] = tuple(float(v) for v in merged["interval"])
+    return RoundGuidance(**merged)
 
 
 def image_rounds(mode: str, rounds: int) -> int:
@@ -130,7 +141,7 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["guidance"] = [dict(asdict(g), interval=list(g.interval)) for g in self.guidance]
+        d["guidance"] = [g.to_dict() for g in self.guidance]
         return d
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from irg_core.params import GenerationParams, ParamError, RoundGuidance, default_guidance, image_rounds
+from irg_core.params import GenerationParams, ParamError, RoundGuidance, image_rounds, round_guidance
 from server.schemas import DEFAULTS, GenerationOptions, JobLinks, JobPublic, TextOut
 from server.settings import Settings
 
@@ -128,11 +128,8 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
         raise RequestError("guidance", f"has {len(given)} entries but mode {opts.mode} draws {n} image(s)")
     guidance = []
     for k in range(1, n + 1):
-        g = asdict(default_guidance(k))
-        if k <= len(given):
-            g.update(given[k - 1].model_dump(exclude_none=True))
-        g["interval"] = list(g["interval"])
-        guidance.append(g)
+        overrides = given[k - 1].model_dump(exclude_none=True) if k <= len(given) else {}
+        guidance.append(round_guidance(k, overrides).to_dict())
     seed = opts.seed if opts.seed is not None else secrets.randbits(31)  # < 2^53: exact in JavaScript too
     params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
               "steps": steps, "seed": seed,

@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from irg_core.params import GenerationParams, RoundGuidance, default_guidance
+from irg_core.params import GenerationParams, RoundGuidance, round_guidance
 from server.cli.common import add_model_options, open_engine
 from server.cli.errors import CommandError
 
@@ -56,12 +56,11 @@ def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
         unknown = set(r) - known
         if unknown:
             raise CommandError(f"--guidance {path}: round {i + 1} has unknown keys {sorted(unknown)}")
-        merged = dict(asdict(default_guidance(i + 1)), **r)
         try:
-            merged["interval"] = tuple(float(v) for v in merged["interval"])
-            if len(merged["interval"]) != 2:
+            g = round_guidance(i + 1, r)
+            if len(g.interval) != 2:
                 raise ValueError("interval needs two numbers")
-            out.append(RoundGuidance(**merged))
+            out.append(g)
         except (TypeError, ValueError) as e:
             raise CommandError(f"--guidance {path}: round {i + 1}: {e}") from e
     return tuple(out)
@@ -141,7 +140,7 @@ def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
         "prompt": p.prompt, "mode": p.mode, "seed": p.seed, "width": p.width, "height": p.height,
         "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
         "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
-                    "guidance": dict(asdict(r.guidance), interval=list(r.guidance.interval)),
+                    "guidance": r.guidance.to_dict(),
                     "image": f"round-{r.index}.png"} for r in result.rounds],
         "timings": [asdict(s) for s in result.stages],
         "total_seconds": result.total_seconds,

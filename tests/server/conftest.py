@@ -17,13 +17,6 @@ from tests.server.serverkit import REDIS_URL, LiveServer, replace_settings, wait
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from weights.demo import ensure_demo
-
-    return ensure_demo(tmp_path_factory.mktemp("irg-home") / "demo")
-
-
-@pytest.fixture(scope="session")
 def runner(demo_dir: Path) -> Any:
     """The real demo model behind a warmed-up EngineRunner (shared: one job runs at a time)."""
     from irg_core.engine import Engine
