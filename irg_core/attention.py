@@ -1,16 +1,21 @@
-"""Attention of packed query rows over a paged KV pool.
+"""Attention over the paged KV pool: packed query rows of several sequences, and the batched decode step.
 
-A call attends several *sequences* at once: sequence i is the query rows [q_start, q_end) and the keys of
-pages `pages` (in order) up to `kv_len` tokens, where the query's own keys were already written into the
+A packed call attends several *sequences* at once: sequence i is the query rows [q_start, q_end) and the keys
+of pages `pages` (in order) up to `kv_len` tokens, where the query's own keys were already written into the
 pool. That one description serves text prefill (causal, bottom-right aligned), image prefill and denoising
-(bidirectional), and text decoding (one row). Contexts that share a prefix share its pages, so no key or
-value is ever copied to build an attention input.
+(bidirectional). Contexts that share a prefix share its pages, so no key or value is copied to build an input.
 
-Backends:
-- `torch.nn.attention.varlen.varlen_attn` with a block table (flash attention over the paged pool, GQA),
-  on CUDA when selected with `use_backend("varlen")` (opt-in until validated on a GPU against SDPA);
-- PyTorch `scaled_dot_product_attention` per sequence (any device): a sequence whose pages are consecutive
-  reads the pool through a view; otherwise its pages are gathered.
+The decode step is different: B rows, one per sequence, each over its own context, described by device
+buffers (`DecodeBuffers`: key slots per row up to a fixed capacity, and a mask of the valid ones) so that the
+step is a pure function of those buffers and the weights, with no Python value that changes per token.
+
+Backends are chosen when the engine is built (`make_backend`), never process-wide:
+- `sdpa` (any device): PyTorch `scaled_dot_product_attention` per packed sequence, and one batched masked call
+  for the decode rows.
+- `varlen` (CUDA, bf16/fp16): `torch.nn.attention.varlen.varlen_attn` with a block table for packed calls
+  (paged flash attention, GQA); the decode step stays on the masked SDPA call.
+- `flash` / `xformers`: named here so that asking for them fails at start with the extra to install; see
+  docs/engine.md for their status.
 """
 
 from __future__ import annotations
@@ -52,33 +57,35 @@ class AttnMeta:
         return self._device_cache["varlen"]  # type: ignore[return-value]
 
 
-_BACKEND = "sdpa"
-BACKENDS = ("sdpa", "varlen")
+@dataclass(slots=True)
+class DecodeBuffers:
+    """The device-resident metadata of one batched decode step (B rows, key capacity L).
 
+    `slots` [B]: where each row's new key and value go; `key_slots` [B, L]: the flat pool slots each row
+    attends to (its context's slots, padded); `mask` [B, 1, 1, L]: which of them are valid; `positions` [B]:
+    each row's RoPE position; `tokens` [B]: the input ids. The scheduler refills them in place every step.
+    """
 
-def use_backend(name: str) -> None:
-    """Select the CUDA attention backend: "sdpa" (default) or "varlen" (paged flash attention)."""
-    global _BACKEND
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, not {name!r}")
-    if name == "varlen":
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (fails early when absent)
-    _BACKEND = name
+    tokens: Tensor
+    positions: Tensor
+    slots: Tensor
+    key_slots: Tensor
+    mask: Tensor
 
+    @classmethod
+    def allocate(cls, batch: int, capacity: int, device: torch.device) -> DecodeBuffers:
+        long = dict(dtype=torch.long, device=device)
+        return cls(torch.zeros(batch, **long), torch.zeros(batch, **long), torch.zeros(batch, **long),
+                   torch.zeros(batch, capacity, **long),
+                   torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device))
 
-def attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:
-    """q [T, H, D]; pools [pages, page_size, Hkv, D] -> [T, H, D]."""
-    if q.is_cuda and _BACKEND == "varlen" and q.dtype in (torch.bfloat16, torch.float16):
-        return _attend_varlen(q, k_pool, v_pool, meta)
-    return _attend_sdpa(q, k_pool, v_pool, meta)
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
 
-
-def _attend_varlen(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    cu_q, table, used, max_q, max_k = meta.varlen_inputs(q.device)
-    return varlen_attn(q.contiguous(), k_pool, v_pool, cu_q, None, max_q, max_k, enable_gqa=True,
-                       seqused_k=used, block_table=table, window_size=(-1, 0) if meta.causal else (-1, -1))
+    @property
+    def capacity(self) -> int:
+        return self.key_slots.shape[1]
 
 
 def gather_pages(pool: Tensor, pages: tuple[int, ...], length: int, meta: AttnMeta | None = None) -> Tensor:
@@ -95,21 +102,77 @@ def gather_pages(pool: Tensor, pages: tuple[int, ...], length: int, meta: AttnMe
     return pool[index].flatten(0, 1)[:length]  # type: ignore[index]
 
 
-def _attend_sdpa(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:
-    out = torch.empty_like(q)
-    keys: dict[tuple[tuple[int, ...], int], tuple[Tensor, Tensor]] = {}
-    for s in meta.seqs:
-        kv = keys.get((s.pages, s.kv_len))
-        if kv is None:
-            kv = keys[(s.pages, s.kv_len)] = (gather_pages(k_pool, s.pages, s.kv_len, meta),
-                                              gather_pages(v_pool, s.pages, s.kv_len, meta))
-        k, v = (t.transpose(0, 1).unsqueeze(0) for t in kv)  # [1, Hkv, L, D]
-        qs = q[s.q_start:s.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        n, length = s.q_end - s.q_start, s.kv_len
-        mask = None
-        if meta.causal and n > 1:  # query row i sees the past and new rows 0..i (bottom-right aligned)
-            rows = torch.arange(n, device=q.device)[:, None] + (length - n)
-            mask = torch.arange(length, device=q.device)[None, :] <= rows
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
-        out[s.q_start:s.q_end] = o[0].transpose(0, 1)
-    return out
+class SdpaBackend:
+    name = "sdpa"
+
+    def packed(self, q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:
+        """q [T, H, D]; pools [pages, page_size, Hkv, D] -> [T, H, D]."""
+        out = torch.empty_like(q)
+        keys: dict[tuple[tuple[int, ...], int], tuple[Tensor, Tensor]] = {}
+        for s in meta.seqs:
+            kv = keys.get((s.pages, s.kv_len))
+            if kv is None:
+                kv = keys[(s.pages, s.kv_len)] = (gather_pages(k_pool, s.pages, s.kv_len, meta),
+                                                  gather_pages(v_pool, s.pages, s.kv_len, meta))
+            k, v = (t.transpose(0, 1).unsqueeze(0) for t in kv)  # [1, Hkv, L, D]
+            qs = q[s.q_start:s.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            n, length = s.q_end - s.q_start, s.kv_len
+            mask = None
+            if meta.causal and n > 1:  # query row i sees the past and new rows 0..i (bottom-right aligned)
+                rows = torch.arange(n, device=q.device)[:, None] + (length - n)
+                mask = torch.arange(length, device=q.device)[None, :] <= rows
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+            out[s.q_start:s.q_end] = o[0].transpose(0, 1)
+        return out
+
+    def decode(self, q: Tensor, flat_k: Tensor, flat_v: Tensor, buf: DecodeBuffers) -> Tensor:
+        """q [B, H, D]; flat pools [slots, Hkv, D] -> [B, H, D], each row over its own valid key slots."""
+        k = flat_k[buf.key_slots].transpose(1, 2)  # [B, Hkv, L, D]
+        v = flat_v[buf.key_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=buf.mask, enable_gqa=True)
+        return o.squeeze(2)
+
+
+class VarlenBackend(SdpaBackend):
+    name = "varlen"
+
+    def __init__(self) -> None:
+        from torch.nn.attention.varlen import varlen_attn  # fails at start when this torch lacks it
+
+        self._varlen = varlen_attn
+
+    def packed(self, q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:
+        if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+            return super().packed(q, k_pool, v_pool, meta)
+        cu_q, table, used, max_q, max_k = meta.varlen_inputs(q.device)
+        return self._varlen(q.contiguous(), k_pool, v_pool, cu_q, None, max_q, max_k, enable_gqa=True,
+                            seqused_k=used, block_table=table, window_size=(-1, 0) if meta.causal else (-1, -1))
+
+
+BACKENDS = ("sdpa", "varlen", "flash", "xformers")
+_EXTRAS = {"flash": ("flash_attn", "flash-attn 2", ".[flash]"), "xformers": ("xformers", "xformers", ".[xformers]")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An attention backend was asked for that this installation cannot run."""
+
+
+def make_backend(name: str) -> SdpaBackend:
+    """The attention backend `name`, or a `BackendUnavailable` that says what to install."""
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"attention backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "varlen":
+        try:
+            return VarlenBackend()
+        except ImportError as e:
+            raise BackendUnavailable(f"attention backend 'varlen' needs torch.nn.attention.varlen ({e})") from e
+    module, what, extra = _EXTRAS[name]
+    try:
+        __import__(module)
+    except Exception as e:  # missing, or built for another torch (an ImportError or an OSError from its .so)
+        raise BackendUnavailable(f"attention backend {name!r} needs {what}: pip install {extra} "
+                                 f"(import {module} failed: {e})") from e
+    raise BackendUnavailable(f"attention backend {name!r}: {what} is installed, but this build has no tested "
+                             f"kernel path for it yet (see docs/engine.md); use --attention sdpa or varlen")

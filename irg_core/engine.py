@@ -1,13 +1,22 @@
-"""The engine's primitives over KV contexts: prefill text and images, decode text, draw an image.
+"""The model runner: executes the units of work step programs yield (`irg_core.steps`), alone or packed.
 
-Each primitive takes a `Context` and returns a new one (or tokens / a latent); contexts live in one paged
-KV pool (`irg_core.kv_cache`) and share prefixes for free. The recipes that chain these primitives into a
-trajectory are in `irg_core.trajectory`.
+The engine owns the loaded model, one paged KV pool sized once at construction (`kv_cache_bytes`), a RoPE
+table, the attention backend and the decode step's device buffers; an `Engine` is complete after `__init__`.
+What it runs:
+- text prefill (causal, chunked by the scheduler) and image blocks (bidirectional, one RoPE position);
+- the VAE encoder and the ViT (an image into LLM rows), the VAE decoder;
+- a batched decode step: one row per sequence, each over its own context, as a pure function of device buffers
+  (`LanguageModel.decode_step`), captured as a CUDA graph per batch-size bucket where enabled;
+- a packed denoising step: the latent rows of several trajectories × their guidance branches in one forward.
+
+The synchronous helpers at the end (`prefill_text`, `decode`, `generate_image`, ...) drive a single unit or
+program to completion; tests and the golden checks use them to look at one stage at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,27 +24,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from irg_core.attention import AttnMeta, Seq
-from irg_core.errors import Cancelled
-from irg_core.kv_cache import Context, KVPool, pages_needed
+from irg_core.attention import AttnMeta, DecodeBuffers, SdpaBackend, Seq, make_backend
+from irg_core.kv_cache import EMPTY, Context, KVPool, pages_needed
 from irg_core.loader import LoadedModel
-from irg_core.model.qwen2_mot import rope_tables
+from irg_core.model.qwen2_mot import RopeTable, RowGroups, fuse_projections
 from irg_core.params import RoundGuidance
-from irg_core.sampling import cfg_active, cfg_combine, sample_flow, timesteps
+from irg_core.sampling import cfg_active, cfg_combine, sample_tokens, timesteps
+from irg_core.steps import DecodeLatent, DecodeStep, Decoding, DenoiseLoop, DenoiseStep
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
 
 DEFAULT_PAGE_SIZE = 256
-
-
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    """Everything about a forward's rows except their values: RoPE tables, KV slots, attention layout."""
-
-    rope: tuple[Tensor, Tensor]
-    slots: Tensor
-    meta: AttnMeta
-    n_gen: int
-    gen_mode: bool
+CPU_KV_CACHE_BYTES = 256 * 2**20  # a fixed pool on the CPU
+CUDA_KV_CACHE_FRACTION = 0.3  # of the free accelerator memory after the weights
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,55 +48,108 @@ class Branches:
     no_img: Context | None = None
 
 
+def kv_bytes_per_token(loaded: LoadedModel, kv_dtype: torch.dtype) -> int:
+    llm = loaded.cfg.llm
+    itemsize = torch.tensor([], dtype=kv_dtype).element_size()
+    return llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * itemsize
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """`IRG_KV_CACHE_GB` when set; else a fraction of the free accelerator memory, or a fixed size on the CPU."""
+    env = os.environ.get("IRG_KV_CACHE_GB")
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            raise ValueError(f"IRG_KV_CACHE_GB must be a number of GiB, not {env!r}") from None
+        if not value > 0:
+            raise ValueError(f"IRG_KV_CACHE_GB must be positive, not {env!r}")
+        return int(value * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_KV_CACHE_FRACTION)
+    return CPU_KV_CACHE_BYTES
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, page_size: int = DEFAULT_PAGE_SIZE):
+    def __init__(self, loaded: LoadedModel, page_size: int = DEFAULT_PAGE_SIZE, kv_cache_bytes: int | None = None,
+                 attention: str = "sdpa", cuda_graphs: bool = True):
         self.model, self.vae, self.tok = loaded.model, loaded.vae, loaded.tokenizer
         self.cfg = loaded.cfg
         self.device, self.dtype = loaded.device, loaded.dtype
         self.page_size = page_size
-        self.pool: KVPool | None = None
         # KV is bfloat16 as in the official code; with float32 weights it is kept in float32 holding bf16 values.
         self.kv_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
+        self.backend: SdpaBackend = make_backend(attention)
+        fuse_projections(self.model.language_model)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
+        pages = max(4, budget // (kv_bytes_per_token(loaded, self.kv_dtype) * page_size))
+        self.pool = KVPool(self.cfg.llm, pages + 1, page_size, self.device, self.kv_dtype)
+        self.scratch_slot = self.pool.reserve_scratch() * page_size  # where padded decode rows write
+        self._flat_kv = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in self.pool.layers]
+        self.rope = RopeTable(self.cfg.llm, self.device, self.dtype)
+        self._markers_ids = torch.tensor([self.tok.special.start_of_image, self.tok.special.end_of_image],
+                                         device=self.device) if self.tok is not None else None
+        self.decoder = DecodeRunner(self, cuda_graphs=cuda_graphs and self.device.type == "cuda")
+        self._denoise_cache: tuple[tuple, _Packed] | None = None
 
     # -- pool ---------------------------------------------------------------------------------------
-    def reset_pool(self, tokens: int, segments: int) -> KVPool:
-        """An empty pool with room for `tokens` in `segments` separately grown pieces (reused when big enough)."""
-        pages = pages_needed(tokens, self.page_size) + segments + 2
-        if self.pool is None or self.pool.num_pages < pages:
-            self.pool = None  # free the old buffers first
-            self.pool = KVPool(self.cfg.llm, pages, self.page_size, self.device, self.kv_dtype)
+    @property
+    def pool_tokens(self) -> int:
+        return self.pool.num_pages * self.page_size
+
+    def pages_for(self, tokens: int, segments: int) -> int:
+        """Pages a trajectory can occupy: its tokens plus one partly filled page per separately grown piece."""
+        return pages_needed(tokens, self.page_size) + segments + 2
+
+    def reset_pool(self, tokens: int = 0, segments: int = 0) -> KVPool:
+        """Give every page back (for tests that drive single units; never while a scheduler runs)."""
+        if self.pages_for(tokens, segments) > self.pool.num_pages - 1:
+            raise ValueError(f"the KV pool holds {self.pool.num_pages} pages, {tokens} tokens need more")
         self.pool.reset()
+        self.scratch_slot = self.pool.reserve_scratch() * self.page_size
+        self._flat_kv = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in self.pool.layers]
+        self._denoise_cache = None
         return self.pool
 
-    def _forward(self, x: Tensor, batch: _Batch) -> Tensor:
-        assert self.pool is not None
-        return self.model.language_model(x, batch.rope, batch.n_gen, batch.gen_mode, self.pool.layers,
-                                         batch.slots, batch.meta)
+    def free_decoding(self, seq: Decoding) -> None:
+        if seq.room is not None:
+            self.pool.free(seq.room)
+            seq.room = None
 
-    def _batch(self, positions: Tensor, slots: Tensor, seqs: list[Seq], causal: bool, n_gen: int = 0,
-               gen_mode: bool = False) -> _Batch:
-        rope = rope_tables(self.cfg.llm, positions.to(self.device), self.dtype)
-        return _Batch(rope, slots, AttnMeta(seqs, causal), n_gen, gen_mode)
+    def free_loop(self, loop: DenoiseLoop) -> None:
+        state = loop.state
+        if state is not None:
+            for room in state.rooms:
+                self.pool.free(room)
+            loop.state = None
+            self._denoise_cache = None
+
+    # -- forward plumbing ---------------------------------------------------------------------------
+    def _forward(self, x: Tensor, positions: Tensor, rows: RowGroups, gen_mode: bool, slots: Tensor,
+                 meta: AttnMeta, final_norm: bool = True) -> Tensor:
+        return self.model.language_model(x, self.rope(positions), rows, gen_mode, self.pool.layers, slots, meta,
+                                         self.backend, final_norm)
 
     def _markers(self) -> Tensor:
-        ids = torch.tensor([self.tok.special.start_of_image, self.tok.special.end_of_image], device=self.device)
-        return self.model.embed_tokens(ids)  # [2, hidden]
+        assert self._markers_ids is not None
+        return self.model.embed_tokens(self._markers_ids)  # [2, hidden]
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
-        """A [bos ... eos] text segment, causal, positions rope .. rope + n - 1."""
-        assert self.pool is not None
+    def run_prefill_text(self, ctx: Context, ids: Sequence[int]) -> Context:
+        """A causal text segment after `ctx`, positions rope .. rope + n - 1."""
         n = len(ids)
         new, slots = self.pool.extend(ctx, n)
-        x = self.model.embed_tokens(torch.tensor(ids, device=self.device))
-        positions = torch.arange(ctx.rope, ctx.rope + n)
-        self._forward(x, self._batch(positions, slots, [Seq(0, n, new.pages, new.length)], causal=True))
+        x = self.model.embed_tokens(torch.tensor(list(ids), device=self.device))
+        positions = torch.arange(ctx.rope, ctx.rope + n, device=self.device)
+        self._forward(x, positions, RowGroups.split(n, 0), False, slots,
+                      AttnMeta([Seq(0, n, new.pages, new.length)], True))
         return new.advanced(n)
 
-    def _prefill_image_block(self, ctx: Context, rows: Tensor, gen: bool) -> Context:
+    @torch.inference_mode()
+    def run_prefill_image(self, ctx: Context, rows: Tensor, gen: bool) -> Context:
         """[start, rows, end] as one bidirectional block at a single RoPE position; rope advances by 1."""
-        assert self.pool is not None
         n = rows.shape[0]
         new, slots = self.pool.extend(ctx, n + 2)
         markers = self._markers()
@@ -105,9 +159,9 @@ class Engine:
         else:
             x = torch.cat([markers[:1], rows.to(markers.dtype), markers[1:]])
             order = slots
-        seqs = [Seq(0, n + 2, new.pages, new.length)]
-        batch = self._batch(torch.full((n + 2,), ctx.rope), order, seqs, False, n if gen else 0, gen)
-        self._forward(x, batch)
+        positions = torch.full((n + 2,), ctx.rope, device=self.device)
+        self._forward(x, positions, RowGroups.split(n + 2, n if gen else 0), gen, order,
+                      AttnMeta([Seq(0, n + 2, new.pages, new.length)], False))
         return new.advanced(1)
 
     @torch.inference_mode()
@@ -126,11 +180,6 @@ class Engine:
         return self.model.latent_rows(tokens, t0, pos), latent
 
     @torch.inference_mode()
-    def prefill_vae_image(self, ctx: Context, image: Image.Image, eps_seed: int) -> Context:
-        rows, _ = self.vae_rows(image, eps_seed)
-        return self._prefill_image_block(ctx, rows, gen=True)
-
-    @torch.inference_mode()
     def vit_rows(self, image: Image.Image) -> Tensor:
         x = VIT_TRANSFORM(image)
         p = self.cfg.vit.patch_size
@@ -138,112 +187,87 @@ class Engine:
         pos = grid_position_ids(x.shape[1] // p, x.shape[2] // p, self.cfg.vit_max_num_patch_per_side)
         return self.model.vit_rows(patches, pos.to(self.device))
 
-    @torch.inference_mode()
-    def prefill_vit_image(self, ctx: Context, image: Image.Image) -> Context:
-        return self._prefill_image_block(ctx, self.vit_rows(image), gen=False)
+    # -- decode -------------------------------------------------------------------------------------
+    def start_decoding(self, seq: Decoding) -> None:
+        """Room in the pool for all of `seq`'s decode rows (its worst case was reserved at admission)."""
+        if seq.room is None:
+            seq.room, seq.slots = self.pool.extend_slots(seq.ctx, seq.max_tokens)
 
-    # -- text ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, ctx: Context, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-               on_token: Callable[[int], None] | None = None,
-               should_cancel: Callable[[], bool] | None = None,
-               on_logits: Callable[[Tensor], None] | None = None, ignore_eos: bool = False) -> list[int]:
-        """Generate up to `max_tokens` after `<|im_start|>`, stopping before `<|im_end|>` (unless
-        `ignore_eos`, which benchmarks use to decode a fixed number of tokens).
+    def run_decode(self, steps: Sequence[DecodeStep]) -> list[tuple[int, Tensor | None]]:
+        """One token for each sequence, all in one forward."""
+        for s in steps:
+            self.start_decoding(s.seq)
+        return self.decoder.step(steps)
 
-        The decode rows live in the pool only during the call: the caller prefills the decoded text again
-        as its own segment, as the official recipe does.
-        """
-        assert self.pool is not None
-        mark = self.pool.mark()
-        try:
-            room, slots = self.pool.extend(ctx, max_tokens)
-            gen = torch.Generator(self.device).manual_seed(seed) if temperature > 0 else None
-            token = torch.tensor([self.tok.special.bos], device=self.device)
-            out: list[int] = []
-            for i in range(max_tokens):
-                if should_cancel is not None and should_cancel():
-                    raise Cancelled()
-                batch = self._batch(torch.tensor([ctx.rope + i]), slots[i:i + 1],
-                                    [Seq(0, 1, room.pages, ctx.length + i + 1)], causal=True)
-                h = self._forward(self.model.embed_tokens(token), batch)
-                logits = self.model.logits(h)  # [1, vocab]
-                if on_logits is not None:
-                    on_logits(logits[0])
-                if gen is None:
-                    token = logits.argmax(dim=-1)
-                else:
-                    probs = (logits / temperature).float().softmax(dim=-1)
-                    token = torch.multinomial(probs, 1, generator=gen)[:, 0]
-                value = int(token.item())
-                if value == self.tok.special.eos and not ignore_eos:
-                    break
-                out.append(value)
-                if on_token is not None:
-                    on_token(value)
-            return out
-        finally:
-            self.pool.release(mark)
-
-    # -- images -------------------------------------------------------------------------------------
+    # -- denoising ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
-                       noise: Tensor, on_step: Callable[[int, int], None] | None = None,
-                       should_cancel: Callable[[], bool] | None = None,
-                       observe: Callable[[str, int, Tensor], None] | None = None) -> Tensor:
-        """Denoise `noise` [N, 64] into a packed latent [N, 64]; all guidance branches of a step run as one
-        batched forward over the packed contexts."""
-        assert self.pool is not None
-        d = self.cfg.latent_downsample
-        h, w = height // d, width // d
-        n = h * w
-        ts = timesteps(steps, guidance.timestep_shift, self.device)
-        on = cfg_active(ts.cpu(), guidance.interval)
-        use_text = guidance.text_scale > 1.0 and branches.no_text is not None
-        use_img = use_text and guidance.image_scale > 1.0 and branches.no_img is not None
-        ctxs = [branches.cond] + ([branches.no_text] if use_text else []) + ([branches.no_img] if use_img else [])
-        pos = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
+    def run_denoise(self, steps: Sequence[DenoiseStep]) -> list[tuple[Tensor, Tensor | None]]:
+        """One denoising step of each item, packed: latent rows of every item × branch first (generation
+        expert), then the image markers; each item's products run as their own row group, so an item gets
+        bit for bit what it would get alone."""
+        key = tuple((id(s.loop), s.branches) for s in steps)
+        if self._denoise_cache is None or self._denoise_cache[0] != key:
+            self._denoise_cache = (key, self._pack(steps))
+        packed = self._denoise_cache[1]
         markers = self._markers()
-        mark = self.pool.mark()
-        try:
-            rooms = [self.pool.extend(c, n + 2) for c in ctxs]
-            batches = {k: self._image_batch(ctxs[:k], rooms[:k], n) for k in {1, len(ctxs)}}
+        lat = [self.model.latent_rows(s.x, s.t, s.loop.state.pos).repeat(s.branches, 1) for s in steps]
+        marks = [markers.repeat(s.branches, 1) for s in steps]
+        x = torch.cat(lat + marks)
+        hidden = self._forward(x, packed.positions, packed.rows, True, packed.slots, packed.meta, final_norm=False)
+        lm = self.model.language_model
+        out = []
+        start = 0
+        for s in steps:
+            n = s.branches * s.loop.tokens
+            h = hidden[start:start + n]
+            v = self.model.velocity(lm.model.norm_moe_gen(h)).view(s.branches, s.loop.tokens, -1)
+            out.append((v, h.view(s.branches, s.loop.tokens, -1) if s.hidden else None))
+            start += n
+        return out
 
-            def velocity(i: int, x: Tensor) -> Tensor:
-                if should_cancel is not None and should_cancel():
-                    raise Cancelled()
-                k = len(ctxs) if on[i] else 1
-                rows = self.model.latent_rows(x, ts[i], pos)
-                q = torch.cat([rows.repeat(k, 1), markers.repeat(k, 1)])
-                hidden = self._forward(q, batches[k])
-                vs = self.model.velocity(hidden[:k * n]).view(k, n, -1)
-                v_no_text = vs[1] if k > 1 else None
-                v_no_img = vs[2] if k > 2 else None
-                if observe is not None:
-                    for name, vb in zip(("cond", "no_text", "no_img"), vs):
-                        observe(name, i, vb)
-                v = cfg_combine(vs[0], v_no_text, v_no_img, guidance.text_scale if on[i] else 1.0,
-                                guidance.image_scale if on[i] else 1.0, guidance.renorm, guidance.renorm_min)
-                if observe is not None:
-                    observe("x_t", i, x)
-                    observe("v_t", i, v)
-                if on_step is not None:
-                    on_step(i + 1, steps - 1)
-                return v
+    def velocity_from_hidden(self, hidden: Tensor) -> Tensor:
+        """Pre-final-norm hidden states of latent rows [..., hidden] -> velocities [..., 64]."""
+        return self.model.velocity(self.model.language_model.model.norm_moe_gen(hidden))
 
-            return sample_flow(velocity, noise.to(self.device, self.dtype), ts)
-        finally:
-            self.pool.release(mark)
+    def prepare_loop(self, loop: DenoiseLoop) -> None:
+        if loop.state is not None:
+            return
+        n = loop.tokens
+        rooms, slots = [], []
+        for ctx in loop.contexts:
+            room, s = self.pool.extend(ctx, n + 2)
+            rooms.append(room)
+            slots.append(s)
+        pos = grid_position_ids(loop.grid_h, loop.grid_w, self.cfg.max_latent_size).to(self.device)
+        loop.state = _LoopState(rooms, slots, pos)
 
-    def _image_batch(self, ctxs: list[Context], rooms: list[tuple[Context, Tensor]], n: int) -> _Batch:
-        """k packed branches: the latent rows of every branch first (generation expert), then the markers."""
-        k = len(ctxs)
-        lat_slots = [slots[1:n + 1] for _, slots in rooms]
-        mark_slots = [slots[[0, n + 1]] for _, slots in rooms]
-        positions = torch.cat([torch.full((n,), c.rope) for c in ctxs] + [torch.full((2,), c.rope) for c in ctxs])
-        seqs = [Seq(b * n, (b + 1) * n, room.pages, room.length) for b, (room, _) in enumerate(rooms)]
-        seqs += [Seq(k * n + 2 * b, k * n + 2 * b + 2, room.pages, room.length) for b, (room, _) in enumerate(rooms)]
-        return self._batch(positions, torch.cat(lat_slots + mark_slots), seqs, False, k * n, True)
+    def _pack(self, steps: Sequence[DenoiseStep]) -> _Packed:
+        for s in steps:
+            self.prepare_loop(s.loop)
+        lat_slots, mark_slots, lat_pos, mark_pos, lat_seqs, mark_seqs, groups = [], [], [], [], [], [], []
+        row = 0
+        for s in steps:
+            n, st = s.loop.tokens, s.loop.state
+            groups.append((row, row + s.branches * n, True))
+            for b in range(s.branches):
+                room, ctx = st.rooms[b], s.loop.contexts[b]
+                lat_slots.append(st.slots[b][1:n + 1])
+                lat_pos.append(torch.full((n,), ctx.rope))
+                lat_seqs.append(Seq(row, row + n, room.pages, room.length))
+                row += n
+        for s in steps:
+            st = s.loop.state
+            groups.append((row, row + 2 * s.branches, False))
+            for b in range(s.branches):
+                room, ctx = st.rooms[b], s.loop.contexts[b]
+                mark_slots.append(st.slots[b][[0, s.loop.tokens + 1]])
+                mark_pos.append(torch.full((2,), ctx.rope))
+                mark_seqs.append(Seq(row, row + 2, room.pages, room.length))
+                row += 2
+        positions = torch.cat(lat_pos + mark_pos).to(self.device)
+        return _Packed(positions, torch.cat(lat_slots + mark_slots), RowGroups(tuple(groups)),
+                       AttnMeta(lat_seqs + mark_seqs, False))
 
     @torch.inference_mode()
     def decode_latent(self, latent: Tensor, width: int, height: int) -> tuple[Tensor, np.ndarray]:
@@ -252,3 +276,202 @@ class Engine:
         z = unpatchify(latent, height // d, width // d, p, self.cfg.vae.z_channels)
         image = self.vae.decode(z.to(self.vae.decoder.conv_in.weight.dtype))
         return image, to_uint8(image)
+
+    def run_decode_latent(self, unit: DecodeLatent) -> tuple[Tensor, np.ndarray]:
+        return self.decode_latent(unit.latent, unit.width, unit.height)
+
+    # -- synchronous helpers (one unit or loop at a time, outside a scheduler) --------------------------
+    def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
+        return self.run_prefill_text(ctx, ids)
+
+    def prefill_vae_image(self, ctx: Context, image: Image.Image, eps_seed: int) -> Context:
+        return self.run_prefill_image(ctx, self.vae_rows(image, eps_seed)[0], gen=True)
+
+    def prefill_vit_image(self, ctx: Context, image: Image.Image) -> Context:
+        return self.run_prefill_image(ctx, self.vit_rows(image), gen=False)
+
+    def decode(self, ctx: Context, max_tokens: int, temperature: float = 0.0, seed: int = 0,
+               on_token: Callable[[int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
+               on_logits: Callable[[Tensor], None] | None = None, ignore_eos: bool = False) -> list[int]:
+        """Generate up to `max_tokens` after `<|im_start|>`, stopping before `<|im_end|>` (unless `ignore_eos`).
+        The decode rows live in the pool only during the call."""
+        from irg_core.errors import Cancelled
+
+        seq = Decoding(ctx, max_tokens, temperature, seed)
+        out: list[int] = []
+        try:
+            for _ in range(max_tokens):
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled()
+                token, logits = self.run_decode([DecodeStep(seq, logits=on_logits is not None)])[0]
+                if on_logits is not None and logits is not None:
+                    on_logits(logits)
+                if token == self.tok.special.eos and not ignore_eos:
+                    break
+                out.append(token)
+                if on_token is not None:
+                    on_token(token)
+            return out
+        finally:
+            self.free_decoding(seq)
+
+    def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
+                       noise: Tensor, on_step: Callable[[int, int], None] | None = None,
+                       should_cancel: Callable[[], bool] | None = None,
+                       observe: Callable[[str, int, Tensor], None] | None = None) -> Tensor:
+        """Denoise `noise` [N, 64] into a packed latent [N, 64] (the image program, run alone)."""
+        from irg_core.errors import Cancelled
+        from irg_core.programs import denoise_program
+
+        program = denoise_program(self, branches, width, height, steps, guidance, noise, probes=observe is not None)
+        result = None
+        try:
+            while True:
+                unit = program.send(result)
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled()
+                result = self.run_one(unit, on_event=lambda e: _observe(e, observe, on_step))
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            program.close()
+
+    def run_one(self, unit: object, on_event: Callable[[object], None] | None = None) -> object:
+        """Execute a single unit outside the scheduler (tests and the helpers above)."""
+        from irg_core.scheduler import execute_alone
+
+        return execute_alone(self, unit, on_event)
+
+
+def _observe(event, observe, on_step) -> None:
+    if event.type == "probe" and observe is not None:
+        observe(event.data["name"], event.data["step"], event.data["value"])
+    elif event.type == "image.progress" and on_step is not None:
+        on_step(event.data["step"], event.data["steps"])
+
+
+@dataclass(slots=True)
+class _LoopState:
+    rooms: list[Context]
+    slots: list[Tensor]
+    pos: Tensor
+
+
+@dataclass(slots=True)
+class _Packed:
+    positions: Tensor
+    slots: Tensor
+    rows: RowGroups
+    meta: AttnMeta
+
+
+class DecodeRunner:
+    """The batched decode step over persistent device buffers, one set per batch-size bucket.
+
+    Per step the host writes each row's token, position, new-key slot and context length into the bucket's
+    buffers (one small copy), then runs `LanguageModel.decode_step` — eagerly, or as a replayed CUDA graph
+    captured on the bucket's first use. Key slots are rebuilt only when the rows change or outgrow the
+    bucket's capacity (a multiple of the page size), not per token.
+    """
+
+    def __init__(self, engine: Engine, cuda_graphs: bool):
+        self.e = engine
+        self.cuda_graphs = cuda_graphs
+        self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
+        self._graphs: dict[tuple[int, int], tuple[object, Tensor]] = {}
+        self._rows: tuple[int, ...] = ()
+        self._key: tuple[int, int] | None = None
+        self.captured = 0
+
+    def bucket(self, n: int) -> int:
+        for b in DECODE_BUCKETS:
+            if b >= n:
+                return b
+        return n
+
+    def _capacity(self, steps: Sequence[DecodeStep]) -> int:
+        """Key capacity in tokens: the longest row's pages, rounded up to a power of two pages (so a captured
+        graph per bucket serves many lengths)."""
+        longest = max(s.seq.ctx.length + s.seq.step + 1 for s in steps)
+        pages = pages_needed(longest, self.e.page_size)
+        return (1 << (pages - 1).bit_length()) * self.e.page_size
+
+    def step(self, steps: Sequence[DecodeStep]) -> list[tuple[int, Tensor | None]]:
+        e = self.e
+        n = len(steps)
+        batch = self.bucket(n) if self.cuda_graphs else n
+        rows = tuple(id(s.seq) for s in steps)
+        need = self._capacity(steps)
+        key = self._key
+        if rows != self._rows or key is None or key[0] != batch or key[1] < need:
+            key = (batch, need)
+            if key not in self._buffers:
+                self._buffers[key] = DecodeBuffers.allocate(batch, need, e.device)
+            self._fill_keys(self._buffers[key], steps)
+            self._rows, self._key = rows, key
+        buf = self._buffers[key]
+        bos, scratch = e.tok.special.bos, e.scratch_slot
+        pad = batch - n
+        tokens = [s.seq.last if s.seq.last is not None else bos for s in steps] + [bos] * pad
+        positions = [s.seq.ctx.rope + s.seq.step for s in steps] + [0] * pad
+        slots = [s.seq.slots[s.seq.step] for s in steps] + [scratch] * pad
+        lengths = [s.seq.ctx.length + s.seq.step + 1 for s in steps] + [1] * pad
+        host = torch.tensor([tokens, positions, slots, lengths], dtype=torch.long).to(e.device, non_blocking=True)
+        buf.tokens.copy_(host[0])
+        buf.positions.copy_(host[1])
+        buf.slots.copy_(host[2])
+        torch.lt(torch.arange(buf.capacity, device=e.device)[None, :], host[3][:, None], out=buf.mask.view(batch, -1))
+        logits = self._logits(key, buf)[:n]
+        sampled = sample_tokens(logits, [s.seq.temperature for s in steps], [s.seq.seed for s in steps],
+                                [s.seq.step for s in steps]).tolist()
+        out = []
+        for i, (s, token) in enumerate(zip(steps, sampled)):
+            s.seq.last, s.seq.step = token, s.seq.step + 1
+            out.append((token, logits[i].clone() if s.logits else None))
+        return out
+
+    def _fill_keys(self, buf: DecodeBuffers, steps: Sequence[DecodeStep]) -> None:
+        ps = self.e.page_size
+        table = torch.full((buf.batch, buf.capacity), self.e.scratch_slot, dtype=torch.long)
+        offsets = torch.arange(ps)
+        for i, s in enumerate(steps):
+            pages = torch.tensor(s.seq.room.pages, dtype=torch.long)
+            flat = (pages[:, None] * ps + offsets[None, :]).flatten()[:buf.capacity]
+            table[i, :flat.shape[0]] = flat
+        buf.key_slots.copy_(table.to(self.e.device))
+
+    def _logits(self, key: tuple[int, int], buf: DecodeBuffers) -> Tensor:
+        lm = self.e.model.language_model
+        if not self.cuda_graphs:
+            return lm.decode_step(buf, self.e.rope, self.e._flat_kv, self.e.backend)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._capture(buf)
+        g, out = graph
+        g.replay()  # type: ignore[attr-defined]
+        return out
+
+    def _capture(self, buf: DecodeBuffers) -> tuple[object, Tensor]:
+        """Capture the decode step on the bucket's buffers (after a warm-up run on a side stream)."""
+        e, lm = self.e, self.e.model.language_model
+        stream = torch.cuda.Stream(e.device)
+        stream.wait_stream(torch.cuda.current_stream(e.device))
+        with torch.cuda.stream(stream):
+            lm.decode_step(buf, e.rope, e._flat_kv, e.backend)
+        torch.cuda.current_stream(e.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = lm.decode_step(buf, e.rope, e._flat_kv, e.backend)
+        self.captured += 1
+        return graph, out
+
+
+def guidance_branches(branches: Branches, g: RoundGuidance) -> list[Context]:
+    """The contexts a round evaluates, cond first: no_text when text guidance is on, no_img when image
+    guidance is on too (image guidance alone does nothing, as upstream)."""
+    use_text = g.text_scale > 1.0 and branches.no_text is not None
+    use_img = use_text and g.image_scale > 1.0 and branches.no_img is not None
+    return [branches.cond] + ([branches.no_text] if use_text else []) + ([branches.no_img] if use_img else [])
+
+
+__all__ = ["Branches", "Engine", "EMPTY", "cfg_active", "cfg_combine", "guidance_branches", "timesteps"]

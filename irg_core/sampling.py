@@ -60,3 +60,56 @@ def sample_flow(velocity: Callable[[int, Tensor], Tensor], x: Tensor, ts: Tensor
     for i in range(ts.shape[0] - 1):
         x = x - velocity(i, x) * dts[i]
     return x
+
+
+# -- token sampling ----------------------------------------------------------------------------------------
+# Sampled thoughts use the Gumbel-max trick with counter-based noise: token = argmax(logits / T + g), where
+# g = -log(-log(u)) and u is a hash of (the sequence's seed, the token's index in the thought, the vocabulary
+# id). That samples from softmax(logits / T), is computed on the device for a whole batch at once, and gives a
+# sequence the same noise whether it decodes alone or beside others, on any device.
+
+_M32 = 0xFFFFFFFF
+_VOCAB_HASH: dict[tuple[int, str], Tensor] = {}
+
+
+def _mix32(x):
+    """A 32-bit integer finaliser (xor-shift-multiply); works on Python ints and int64 tensors alike."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _row_key(seed: int, step: int) -> int:
+    seed &= (1 << 64) - 1
+    return _mix32(_mix32(_mix32(seed & _M32) ^ _mix32((seed >> 32) & _M32) ^ 0x5BD1E995) ^ (step & _M32))
+
+
+def _vocab_hash(vocab: int, device: torch.device) -> Tensor:
+    key = (vocab, str(device))
+    table = _VOCAB_HASH.get(key)
+    if table is None:
+        table = _VOCAB_HASH[key] = _mix32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x632BE5AB)
+    return table
+
+
+def gumbel_noise(seeds: list[int], steps: list[int], vocab: int, device: torch.device) -> Tensor:
+    """[B, vocab] float32 standard Gumbel noise, a pure function of (seed, step, vocabulary id)."""
+    keys = torch.tensor([_row_key(s, i) for s, i in zip(seeds, steps)], dtype=torch.int64, device=device)
+    h = _mix32(keys[:, None] ^ _vocab_hash(vocab, device)[None, :])
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def sample_tokens(logits: Tensor, temperatures: list[float], seeds: list[int], steps: list[int]) -> Tensor:
+    """One token per row of logits [B, vocab]: argmax where the temperature is 0, else a Gumbel-max sample
+    at that temperature from the row's own noise stream."""
+    greedy = logits.argmax(dim=-1)
+    if not any(t > 0 for t in temperatures):
+        return greedy
+    temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=logits.device)
+    noise = gumbel_noise(seeds, steps, logits.shape[-1], logits.device)
+    sampled = (logits.float() / temps[:, None] + noise).argmax(dim=-1)
+    hot = torch.tensor([t > 0 for t in temperatures], device=logits.device)
+    return torch.where(hot, sampled, greedy)

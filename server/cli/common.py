@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from irg_core.engine import Engine
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("sdpa", "varlen", "flash", "xformers")  # irg_core.attention.BACKENDS (no torch import here)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -24,20 +26,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-dir", type=Path, help="tokenizer files for --dummy-weights (default: the demo's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--attention", choices=("sdpa", "varlen"), default="sdpa", help="CUDA attention backend")
+    p.add_argument("--attention", choices=BACKENDS, default=os.environ.get("IRG_ATTENTION", "sdpa"),
+                   help="attention backend (default: $IRG_ATTENTION or sdpa; flash and xformers need their extras)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly on CUDA")
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
     import torch
 
-    from irg_core import attention
+    from irg_core.attention import BackendUnavailable
     from irg_core.config import BagelConfig
     from irg_core.engine import Engine
     from irg_core.loader import build_dummy, load_model
     from irg_core.tokenizer import Tokenizer
     from weights.demo import ensure_demo
 
-    attention.use_backend(args.attention)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {args.device}: no CUDA device is available")
@@ -51,4 +54,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
                              tokenizer=tokenizer)
     else:
         loaded = load_model(args.model_dir or ensure_demo(), args.device, dtype)
-    return Engine(loaded)
+    try:
+        return Engine(loaded, attention=args.attention, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    except (BackendUnavailable, ValueError) as e:
+        raise CommandError(str(e)) from e

@@ -1,4 +1,4 @@
-"""Attention over the paged pool equals plain attention over the same keys."""
+"""Attention over the paged pool (packed sequences and the batched decode step) equals plain attention."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from irg_core.attention import AttnMeta, Seq, attend
+from irg_core.attention import AttnMeta, BackendUnavailable, DecodeBuffers, SdpaBackend, Seq, make_backend
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -32,8 +32,43 @@ def test_paged_attention_matches_dense_for_scattered_pages() -> None:
     rows = [(0, 4), (4, 7), (7, 9)]
     seqs = [Seq(a, b, p, n) for (a, b), p, n in zip(rows, layouts, lengths)]
     for causal in (False, True):
-        out = attend(q, kp, vp, AttnMeta(seqs, causal))
+        out = SdpaBackend().packed(q, kp, vp, AttnMeta(seqs, causal))
         for (a, b), p, n in zip(rows, layouts, lengths):
             k = kp[list(p)].flatten(0, 1)[:n]
             v = vp[list(p)].flatten(0, 1)[:n]
             torch.testing.assert_close(out[a:b], reference(q[a:b], k, v, causal), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rows_each_attend_their_own_context() -> None:
+    """B decode rows over one pool, each with its own scattered pages and length, via device buffers."""
+    torch.manual_seed(1)
+    page, pages, hkv, d = 4, 12, 2, 8
+    kp, vp = torch.randn(pages, page, hkv, d), torch.randn(pages, page, hkv, d)
+    flat_k, flat_v = kp.view(-1, hkv, d), vp.view(-1, hkv, d)
+    layouts, lengths = [(3, 4, 5), (7, 2, 10), (0,)], [11, 6, 1]
+    buf = DecodeBuffers.allocate(3, 16, torch.device("cpu"))
+    for i, (p, n) in enumerate(zip(layouts, lengths)):
+        slots = (torch.tensor(p)[:, None] * page + torch.arange(page)).flatten()
+        buf.key_slots[i, :slots.shape[0]] = slots
+        buf.mask[i, 0, 0, :n] = True
+    q = torch.randn(3, 6, d)
+    out = SdpaBackend().decode(q, flat_k, flat_v, buf)
+    for i, (p, n) in enumerate(zip(layouts, lengths)):
+        k = kp[list(p)].flatten(0, 1)[:n]
+        v = vp[list(p)].flatten(0, 1)[:n]
+        torch.testing.assert_close(out[i:i + 1], reference(q[i:i + 1], k, v, False), atol=1e-5, rtol=1e-5)
+
+
+def test_backends_are_chosen_by_name_and_missing_extras_are_named() -> None:
+    assert make_backend("sdpa").name == "sdpa"
+    for name, extra in (("flash", ".[flash]"), ("xformers", ".[xformers]")):
+        try:
+            make_backend(name)
+        except BackendUnavailable as e:
+            assert extra in str(e) or "no tested kernel" in str(e)
+        else:
+            raise AssertionError(f"{name} should not be usable on this build")
+    try:
+        make_backend("magic")
+    except BackendUnavailable as e:
+        assert "sdpa" in str(e)

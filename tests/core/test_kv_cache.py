@@ -37,15 +37,40 @@ def test_siblings_share_full_pages_and_copy_only_the_partial_tail() -> None:
     assert slots.tolist() == [second.pages[2] * 4 + i for i in (2, 3)] + [second.pages[3] * 4]
 
 
-def test_release_forgets_transient_rows() -> None:
+def test_freed_rows_give_their_pages_back() -> None:
     p = pool()
     ctx, _ = p.extend(EMPTY, 5)
-    mark = p.mark()
-    p.extend(ctx, 9)
-    p.release(mark)
-    again, slots = p.extend(ctx, 1)  # the tail page's free part is free again: no copy
-    assert again.pages == ctx.pages and slots.tolist() == [5] and p.copied_tokens == 0
-    assert p.used_pages == 2
+    room, _ = p.extend(ctx, 9)  # transient rows after ctx (a decode or a denoising room)
+    assert p.used_pages == 4
+    p.free(room)
+    assert p.used_pages == 2 and p.refcount(0) == 1 and p.refcount(1) == 1
+    p.free(ctx)
+    assert p.used_pages == 0 and p.free_pages == 16
+
+
+def test_shared_prefix_pages_live_until_their_last_holder_goes() -> None:
+    p = pool()
+    prefix, _ = p.extend(EMPTY, 8)  # two full pages
+    a, _ = p.extend(prefix, 4)
+    b, _ = p.extend(prefix, 4)
+    assert p.refcount(0) == p.refcount(1) == 3
+    p.free(prefix)
+    p.free(a)
+    assert p.refcount(0) == 1 and p.used_pages == 3  # b still holds the prefix and its own page
+    p.free(b)
+    assert p.used_pages == 0
+
+
+def test_a_failed_extend_takes_nothing() -> None:
+    p = pool(pages=3)
+    ctx, _ = p.extend(EMPTY, 6)
+    try:
+        p.extend(ctx, 10)
+    except PoolFull:
+        pass
+    else:
+        raise AssertionError("expected PoolFull")
+    assert p.used_pages == 2 and p.refcount(1) == 1
 
 
 def test_pool_full_is_an_error_not_an_overwrite() -> None:

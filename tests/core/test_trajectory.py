@@ -32,9 +32,9 @@ def test_all_guidance_branches_run_as_one_forward(engine: Engine, monkeypatch) -
     lm = engine.model.language_model
     original = type(lm).forward
 
-    def spy(self, x, positions, n_gen, gen_mode, kv, slots, meta):
-        calls.append((x.shape[0], n_gen))
-        return original(self, x, positions, n_gen, gen_mode, kv, slots, meta)
+    def spy(self, x, rope, rows, gen_mode, *args, **kw):
+        calls.append((x.shape[0], sum(b - a for a, b, gen in rows.groups if gen)))
+        return original(self, x, rope, rows, gen_mode, *args, **kw)
 
     engine.reset_pool(3000, 16)
     s = engine.prefill_text(EMPTY, engine.tok.frame("system"))
@@ -71,13 +71,14 @@ def test_packed_branches_equal_branches_run_alone(engine: Engine) -> None:
 
 def test_guidance_contexts_share_the_prefix_kv(engine: Engine, monkeypatch) -> None:
     seen: list[Branches] = []
-    original = Engine.generate_image
+    original = Engine.prepare_loop
 
-    def spy(self, branches, *args, **kw):
-        seen.append(branches)
-        return original(self, branches, *args, **kw)
+    def spy(self, loop):
+        if loop.state is None:  # once per image round: cond, no_text, no_img (when guided), in that order
+            seen.append(Branches(*loop.contexts))
+        return original(self, loop)
 
-    monkeypatch.setattr(Engine, "generate_image", spy)
+    monkeypatch.setattr(Engine, "prepare_loop", spy)
     run_trajectory(engine, small(rounds=3))
     page = engine.page_size
     pool = engine.pool
