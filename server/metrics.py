@@ -30,6 +30,14 @@ DENOISE_RATE = Histogram("irg_denoise_steps_per_second", "Denoising model evalua
 WORKERS_ALIVE = Gauge("irg_workers_alive", "Workers with a live heartbeat and a loaded model")
 WORKERS_BUSY = Gauge("irg_workers_busy", "Live workers running a job")
 GPU_MEMORY = Gauge("irg_gpu_memory_bytes", "Accelerator memory of this worker", ["kind"])
+ACTIVE = Gauge("irg_active_trajectories", "Jobs this worker runs now (claimed, not yet ended)")
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+FORWARD_ROWS = Histogram("irg_forward_rows", "Query rows per model forward, by kind (decode, denoise, prefill_text, "
+                         "prefill_image)", ["kind"], buckets=ROWS_BUCKETS)
+DECODE_BATCH = Histogram("irg_decode_batch_size", "Sequences per batched decode step",
+                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+KV_PAGES = Gauge("irg_kv_pages", "KV cache pages of this worker, by state (used, free, reserved)", ["state"])
+ADMISSION_WAITS = Counter("irg_admission_waits", "Scheduler ticks in which the next job waited for KV room")
 
 
 def observe_stages(stages: Iterable[StageTiming], total_seconds: float) -> None:

@@ -1,5 +1,5 @@
-"""The engine behind a worker: load a model, warm it up, run trajectories (the only server module that
-imports torch and the model code)."""
+"""The engine behind a worker: load a model, warm it up, and run many trajectories at once through the
+scheduler (the only server module that imports torch and the model code)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,37 @@ import torch
 
 from irg_core.engine import Engine
 from irg_core.params import EngineEvent, GenerationParams, TrajectoryResult, image_rounds
+from irg_core.programs import prepare
+from irg_core.scheduler import Job, Scheduler
 from irg_core.trajectory import run_trajectory
+from server import metrics
 
 log = logging.getLogger(__name__)
 WARMUP = GenerationParams(prompt="warm-up", mode="irg", rounds=2, width=64, height=64, steps=3, seed=0,
                           max_think_tokens=4)
 
 
+def _observe_forward(kind: str, rows: int) -> None:
+    metrics.FORWARD_ROWS.labels(kind).observe(rows)
+    if kind == "decode":
+        metrics.DECODE_BATCH.observe(rows)
+
+
 class EngineRunner:
-    def __init__(self, engine: Engine, model: str = ""):
+    def __init__(self, engine: Engine, model: str = "", max_active: int = 8):
         self.engine = engine
         self.model = model
         self.device = str(engine.device)
+        self.scheduler = Scheduler(engine, max_active=max_active, on_forward=_observe_forward)
+        self._waits = 0
+
+    @property
+    def max_active(self) -> int:
+        return self.scheduler.max_active
+
+    @max_active.setter
+    def max_active(self, n: int) -> None:
+        self.scheduler.max_active = n
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> EngineRunner:
@@ -44,14 +63,30 @@ class EngineRunner:
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
 
+    # -- the worker's interface ------------------------------------------------------------------------------
+    def submit(self, params: GenerationParams, on_event: Callable[[EngineEvent], None],
+               should_cancel: Callable[[], bool]) -> Job:
+        program, pages = prepare(self.engine, params)
+        return self.scheduler.submit(program, pages, on_event, should_cancel)
+
+    def step(self) -> bool:
+        busy = self.scheduler.step()
+        pool, s = self.engine.pool, self.scheduler
+        metrics.KV_PAGES.labels("used").set(pool.used_pages)
+        metrics.KV_PAGES.labels("free").set(pool.free_pages)
+        metrics.KV_PAGES.labels("reserved").set(s.reserved)
+        if s.admission_waits > self._waits:
+            metrics.ADMISSION_WAITS.inc(s.admission_waits - self._waits)
+            self._waits = s.admission_waits
+        return busy
+
+    def cancel(self, handle: Job) -> None:
+        self.scheduler.cancel(handle)
+
     def run(self, params: GenerationParams, on_event: Callable[[EngineEvent], None],
             should_cancel: Callable[[], bool]) -> TrajectoryResult:
-        try:
-            return run_trajectory(self.engine, params, on_event=on_event, should_cancel=should_cancel)
-        except torch.OutOfMemoryError:
-            if self.engine.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise
+        """One trajectory to the end on its own (the CLI's path)."""
+        return run_trajectory(self.engine, params, on_event=on_event, should_cancel=should_cancel)
 
     def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]:
         d = self.engine.cfg.latent_downsample

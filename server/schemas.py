@@ -254,8 +254,17 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class WorkerCapacity(BaseModel):
+    name: str
+    active: int = Field(description="jobs it runs now")
+    capacity: int = Field(description="jobs it runs at once at most")
+    free: int = Field(description="jobs it can take now")
+
+
 class ReadyStatus(BaseModel):
     status: Literal["ready", "unavailable"]
     reason: str | None = None
     workers: int = 0
+    free_capacity: int = Field(0, description="jobs the ready workers can take now, all together")
+    capacity: list[WorkerCapacity] = Field(default_factory=list, description="each ready worker's capacity")
     queue_depth: int | None = None

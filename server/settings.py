@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(None, description="model directory (default: the embedded demo checkpoint)")
     device: str | None = Field(None, description="worker device: cpu, cuda, cuda:1 ... (default: cuda if any)")
     worker_name: str | None = Field(None, description="worker name in heartbeats (default: host-pid)")
+    max_active: int | None = Field(None, ge=1, le=256, description="jobs a worker runs at once (default: 8 on CUDA, "
+                                   "2 on CPU)")
     worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="`irg worker` /metrics port")
 
     # limits

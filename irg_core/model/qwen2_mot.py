@@ -35,6 +35,11 @@ def bf16_round(x: Tensor) -> Tensor:
     return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16).to(x.dtype)
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in `dtype` (no operation at all when it already is)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """Qwen2's RMSNorm: normalise in float32, cast back to the input dtype, then scale by the weight."""
     shape = (x.shape[-1],)
@@ -220,10 +225,10 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, h + 2 * hkv, self.head_dim)
         qk = rms_norm(qkv[:, :h + hkv], None, self.eps) * self.qk_norm_weight
         qk = apply_rope(qk, cos, sin_signed)
-        flat_k.index_copy_(0, buf.slots, bf16_round(qk[:, h:]).to(flat_k.dtype))
-        flat_v.index_copy_(0, buf.slots, bf16_round(qkv[:, h + hkv:]).to(flat_v.dtype))
-        out = backend.decode(bf16_round(qk[:, :h]).to(flat_k.dtype), flat_k, flat_v, buf)
-        out = bf16_round(out).to(x.dtype).reshape(b, h * self.head_dim)
+        flat_k.index_copy_(0, buf.slots, cast(bf16_round(qk[:, h:]), flat_k.dtype))
+        flat_v.index_copy_(0, buf.slots, cast(bf16_round(qkv[:, h + hkv:]), flat_v.dtype))
+        out = backend.decode(cast(bf16_round(qk[:, :h]), flat_k.dtype), flat_k, flat_v, buf)
+        out = cast(bf16_round(out), x.dtype).reshape(b, h * self.head_dim)
         return bf16_round(F.linear(out, self.o_proj.weight))
 
 

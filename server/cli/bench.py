@@ -1,10 +1,18 @@
-"""`irg bench`: time a trajectory stage by stage with fixed thought lengths, and print where the time goes."""
+"""`irg bench`: time a trajectory stage by stage with fixed thought lengths, and print where the time goes.
+
+`--concurrency N` also runs N trajectories one at a time and then N at once through the scheduler, in the same
+run, and prints throughput (trajectories per minute, decode tokens per second), per-job latency and how full
+the shared forwards were. `--count-ops` counts the aten operations of one decode token and one denoising step.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="A red fox in fresh snow at dawn, photographed with a telephoto lens.")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up run")
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="also run N trajectories one at a time and N at once, and compare throughput")
+    p.add_argument("--count-ops", action="store_true", help="count aten ops per decode token and denoising step")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
     p.set_defaults(func=run)
 
@@ -49,16 +60,119 @@ def format_table(rows: list[dict[str, Any]], total: float, peak: int) -> str:
     return "\n".join(lines)
 
 
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class _Forwards:
+    """What the scheduler reports after every forward: rows per kind, and the time spent in decode forwards."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[int]] = {}
+
+    def __call__(self, kind: str, rows: int) -> None:
+        self.rows.setdefault(kind, []).append(rows)
+
+
+def run_batch(engine: Any, params: Any, n: int, at_once: bool) -> dict[str, Any]:
+    """n trajectories (seeds params.seed .. + n - 1): all submitted at once, or one after the other."""
+    from irg_core.programs import prepare
+    from irg_core.scheduler import DONE, Scheduler
+
+    forwards = _Forwards()
+    s = Scheduler(engine, max_active=n if at_once else 1, on_forward=forwards)
+    decode_seconds = 0.0
+    original = engine.run_decode
+
+    def timed_decode(steps):  # the host waits for each decode step's tokens, so wall time is device time
+        nonlocal decode_seconds
+        t0 = time.perf_counter()
+        out = original(steps)
+        decode_seconds += time.perf_counter() - t0
+        return out
+
+    engine.run_decode = timed_decode
+    try:
+        start = time.perf_counter()
+        jobs = [s.submit(*prepare(engine, replace(params, seed=params.seed + i), fixed_thoughts=True))
+                for i in range(n)]
+        s.run(jobs)
+        wall = time.perf_counter() - start
+    finally:
+        del engine.run_decode
+    bad = [j for j in jobs if j.status != DONE]
+    if bad:
+        raise RuntimeError(f"a benchmark trajectory did not finish: {bad[0].status} ({bad[0].error})")
+    latencies = sorted(j.finished - j.submitted for j in jobs)
+    tokens = sum(r.tokens for j in jobs for r in j.result.stages)
+    decode = forwards.rows.get("decode", [])
+    denoise = forwards.rows.get("denoise", [])
+    return {"jobs": n, "at_once": at_once, "wall_seconds": wall, "trajectories_per_minute": 60 * n / wall,
+            "decode_tokens": tokens, "decode_seconds": decode_seconds,
+            "decode_tokens_per_second": tokens / decode_seconds if decode_seconds else 0.0,
+            "latency_p50": statistics.median(latencies), "latency_p95": latencies[min(n - 1, round(0.95 * (n - 1)))],
+            "mean_decode_batch": sum(decode) / len(decode) if decode else 0.0,
+            "mean_denoise_rows": sum(denoise) / len(denoise) if denoise else 0.0,
+            "forwards": {k: len(v) for k, v in forwards.rows.items()}}
+
+
+def count_ops(engine: Any, params: Any) -> dict[str, int]:
+    """aten operations dispatched for one decode token (batch 1) and one packed denoising step."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from irg_core.kv_cache import EMPTY
+    from irg_core.steps import DecodeStep, Decoding, DenoiseLoop, DenoiseStep
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    e = engine
+    ctx = e.prefill_text(EMPTY, e.tok.frame(params.prompt))
+    seq = Decoding(ctx, 8)
+    try:
+        e.run_decode([DecodeStep(seq)])  # warm: buffers allocated, key slots filled
+        with Counter() as c:
+            e.run_decode([DecodeStep(seq)])
+        decode = c.n
+    finally:
+        e.free_decoding(seq)
+    d = e.cfg.latent_downsample
+    loop = DenoiseLoop([ctx, EMPTY, ctx], params.height // d, params.width // d)  # cond, no_text, no_img
+    x = torch.randn(loop.tokens, e.cfg.patch_latent_dim, device=e.device, dtype=e.dtype)
+    t = torch.tensor(0.5, device=e.device)
+    try:
+        e.run_denoise([DenoiseStep(loop, x, t, 3)])
+        with Counter() as c:
+            e.run_denoise([DenoiseStep(loop, x, t, 3)])
+        denoise = c.n
+    finally:
+        e.free_loop(loop)
+        e.pool.free(ctx)
+    return {"ops_per_decode_token": decode, "ops_per_denoise_step": denoise}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from irg_core.trajectory import run_trajectory
 
     params = params_from_args(args)
+    say("irg bench: loading the model ...")
     engine = open_engine(args)
     if not args.no_warmup:
+        say("irg bench: warm-up run ...")
         run_trajectory(engine, replace(params, steps=min(params.steps, 3), max_think_tokens=4), fixed_thoughts=True)
-    results = [run_trajectory(engine, params, fixed_thoughts=True) for _ in range(max(1, args.repeats))]
+    results = []
+    for i in range(max(1, args.repeats)):
+        say(f"irg bench: timed run {i + 1} of {max(1, args.repeats)} ...")
+        results.append(run_trajectory(engine, params, fixed_thoughts=True))
     best = min(results, key=lambda r: r.total_seconds)
     rows = _rows(best)
     cfg = engine.cfg
@@ -67,12 +181,52 @@ def run(args: argparse.Namespace) -> int:
           f"best of {len(results)}")
     print(f"model: hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers} layers, device {engine.device}, "
           f"dtype {str(engine.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, attention {engine.backend.name}")
     print(format_table(rows, best.total_seconds, best.peak_memory_bytes))
+    tokens = sum(r["tokens"] for r in rows)
+    decode_s = sum(r["seconds"] for r in rows if r["tokens"])
+    record: dict[str, Any] = {
+        "params": params.to_dict(), "device": str(engine.device), "machine": platform.machine(),
+        "torch": torch.__version__, "stages": rows, "total_seconds": best.total_seconds,
+        "all_totals": [r.total_seconds for r in results], "peak_memory_bytes": best.peak_memory_bytes,
+        "config": cfg.to_dict(), "attention": engine.backend.name,
+        "trajectories_per_minute": 60.0 / best.total_seconds,
+        "decode_tokens_per_second": tokens / decode_s if decode_s else 0.0,
+    }
+    if args.concurrency > 1:
+        n = args.concurrency
+        say(f"irg bench: {n} trajectories one at a time ...")
+        serial = run_batch(engine, params, n, at_once=False)
+        say(f"irg bench: {n} trajectories at once ...")
+        batched = run_batch(engine, params, n, at_once=True)
+        print(format_concurrency(serial, batched))
+        record.update(concurrency=n, serial=serial, batched=batched,
+                      trajectories_per_minute=batched["trajectories_per_minute"],
+                      decode_tokens_per_second=batched["decode_tokens_per_second"],
+                      speedup_trajectories=batched["trajectories_per_minute"] / serial["trajectories_per_minute"],
+                      speedup_decode=batched["decode_tokens_per_second"] / serial["decode_tokens_per_second"])
+    if args.count_ops:
+        ops = count_ops(engine, params)
+        print(f"aten ops: {ops['ops_per_decode_token']} per decode token (batch 1, "
+              f"{cfg.llm.num_hidden_layers} layers), {ops['ops_per_denoise_step']} per denoising step (3 branches)")
+        record.update(ops)
     if args.json:
-        record = {"params": params.to_dict(), "device": str(engine.device), "machine": platform.machine(),
-                  "torch": torch.__version__, "stages": rows, "total_seconds": best.total_seconds,
-                  "all_totals": [r.total_seconds for r in results], "peak_memory_bytes": best.peak_memory_bytes,
-                  "config": cfg.to_dict()}
         args.json.write_text(json.dumps(record, indent=2), "utf-8")
     return 0
+
+
+def format_concurrency(serial: dict[str, Any], batched: dict[str, Any]) -> str:
+    n = batched["jobs"]
+    lines = [f"\n{n} trajectories: one at a time vs at once", "-" * 64,
+             f"{'':<28} {'one at a time':>15} {'at once':>12} {'ratio':>7}"]
+    for key, label, fmt in (("trajectories_per_minute", "trajectories / minute", ".2f"),
+                            ("decode_tokens_per_second", "decode tokens / s", ".1f"),
+                            ("wall_seconds", "wall seconds", ".2f"),
+                            ("latency_p50", "job latency p50 (s)", ".2f"),
+                            ("latency_p95", "job latency p95 (s)", ".2f"),
+                            ("mean_decode_batch", "rows per decode forward", ".2f"),
+                            ("mean_denoise_rows", "rows per denoise forward", ".0f")):
+        a, b = serial[key], batched[key]
+        ratio = f"{b / a:.2f}x" if a else ""
+        lines.append(f"{label:<28} {a:>15{fmt}} {b:>12{fmt}} {ratio:>7}")
+    return "\n".join(lines)

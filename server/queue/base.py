@@ -48,6 +48,8 @@ class WorkerInfo:
     name: str
     ready: bool = False  # model loaded and warmed up
     busy: bool = False
+    active: int = 0  # jobs running now
+    capacity: int = 1  # jobs it runs at once at most (IRG_MAX_ACTIVE)
     device: str = ""
     model: str = ""
     pid: int = 0

@@ -65,6 +65,15 @@ def read_stream(client: httpx.Client, method: str, url: str, **kw: Any) -> list[
         return [dict(e, data=json.loads(e["data"])) for e in sse_events(r.iter_lines())]
 
 
+class FakeHandle:
+    def __init__(self) -> None:
+        self.status, self.result, self.error = "running", None, None
+
+    @property
+    def over(self) -> bool:
+        return self.status != "running"
+
+
 class FakeRunner:
     """A model-free runner: the event sequence of a trajectory with flat images, in milliseconds. Used where
     the tests are about the API (fuzzing) and the real model would only add minutes."""
@@ -94,6 +103,28 @@ class FakeRunner:
             on_event(EngineEvent("image.done", {"round": k, "kind": "final" if k == n else "draft",
                                                 "width": params.width, "height": params.height}, image=image))
         return TrajectoryResult(params, stages=[StageTiming("image", 1, 0.001, steps=2)], total_seconds=0.002)
+
+    def submit(self, params: GenerationParams, on_event: Any, should_cancel: Any) -> FakeHandle:
+        """The worker's interface: each job runs `run` on a thread of its own (the real runner ticks a scheduler)."""
+        handle = FakeHandle()
+
+        def go() -> None:
+            try:
+                handle.result, handle.status = self.run(params, on_event, should_cancel), "done"
+            except Cancelled as e:
+                handle.error, handle.status = e, "cancelled"
+            except Exception as e:
+                handle.error, handle.status = e, "failed"
+
+        threading.Thread(target=go, daemon=True).start()
+        return handle
+
+    def step(self) -> bool:
+        time.sleep(0.002)
+        return True
+
+    def cancel(self, handle: FakeHandle) -> None:
+        handle.error, handle.status = Cancelled(), "cancelled"
 
     def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]:
         return {"prompt_tokens": 1, "text_tokens": 2, "image_tokens": 3}

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import metrics
 from server.api.deps import QueueDep, get_owner
 from server.queue.base import QueueUnavailable
-from server.schemas import ReadyStatus
+from server.schemas import ReadyStatus, WorkerCapacity
 
 router = APIRouter(tags=["health"])
 PING_TIMEOUT_S = 2.0
@@ -37,7 +37,11 @@ async def readyz(queue: QueueDep) -> JSONResponse:
         reason = "no worker with a loaded model is alive"
         body = ReadyStatus(status="unavailable", reason=reason, queue_depth=depth)
         return JSONResponse(body.model_dump(), status_code=503)
-    return JSONResponse(ReadyStatus(status="ready", workers=len(ready), queue_depth=depth).model_dump())
+    capacity = [WorkerCapacity(name=w.name, active=w.active, capacity=w.capacity, free=max(0, w.capacity - w.active))
+                for w in ready]
+    body = ReadyStatus(status="ready", workers=len(ready), queue_depth=depth, capacity=capacity,
+                       free_capacity=sum(c.free for c in capacity))
+    return JSONResponse(body.model_dump())
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=[Depends(get_owner)],
