@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1, IRG_HOST)")
     p.add_argument("--port", type=int, help="port to bind (default 8000, IRG_PORT)")
     p.add_argument("--redis", metavar="URL", help="use Redis (IRG_REDIS_URL): API only, jobs run by `irg worker`")
+    p.add_argument("--max-active", type=int, help="jobs the embedded worker runs at once (IRG_MAX_ACTIVE; "
+                   "default 8 on CUDA, 2 on CPU)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     add_model_options(p)
@@ -30,7 +32,7 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Any:
     from server.settings import Settings
 
     given = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
-             "redis_url": getattr(args, "redis", None), **extra}
+             "redis_url": getattr(args, "redis", None), "max_active": getattr(args, "max_active", None), **extra}
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 

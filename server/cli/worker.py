@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="worker name in heartbeats (default: host-pid, IRG_WORKER_NAME)")
     p.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port "
                    "(IRG_WORKER_METRICS_PORT)")
+    p.add_argument("--max-active", type=int, help="jobs this worker runs at once (IRG_MAX_ACTIVE; default 8 on "
+                   "CUDA, 2 on CPU)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_model_options(p)
     p.set_defaults(func=run)
