@@ -206,7 +206,7 @@ class Engine:
         """One denoising step of each item, packed: latent rows of every item × branch first (generation
         expert), then the image markers; each item's products run as their own row group, so an item gets
         bit for bit what it would get alone."""
-        key = tuple((id(s.loop), s.branches) for s in steps)
+        key = tuple((s.loop.uid, s.branches) for s in steps)
         if self._denoise_cache is None or self._denoise_cache[0] != key:
             self._denoise_cache = (key, self._pack(steps))
         packed = self._denoise_cache[1]
@@ -400,7 +400,7 @@ class DecodeRunner:
         e = self.e
         n = len(steps)
         batch = self.bucket(n) if self.cuda_graphs else n
-        rows = tuple(id(s.seq) for s in steps)
+        rows = tuple(s.seq.uid for s in steps)
         need = self._capacity(steps)
         key = self._key
         if rows != self._rows or key is None or key[0] != batch or key[1] < need:

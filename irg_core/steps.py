@@ -7,6 +7,7 @@ rides in. Units that do no model work (`Emit`, `Stamp`, `Free`) are answered at 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from torch import Tensor
 
 from irg_core.kv_cache import Context
 from irg_core.params import EngineEvent
+
+_serial = itertools.count(1)  # identities for the engine's caches (id() of a freed object is reused)
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +67,7 @@ class Decoding:
     room: Context | None = None  # the pool room for the decode rows (allocated by the engine)
     slots: list[int] = field(default_factory=list)
     last: int | None = None  # the previous output (None: the start token goes in)
+    uid: int = field(default_factory=lambda: next(_serial))
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +86,7 @@ class DenoiseLoop:
     grid_h: int
     grid_w: int
     state: Any = None  # engine-owned: rooms, slots, positions
+    uid: int = field(default_factory=lambda: next(_serial))
 
     @property
     def tokens(self) -> int:
