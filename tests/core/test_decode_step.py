@@ -27,7 +27,7 @@ def _packed_logits(e: Engine, ctx, ids: list[int]) -> torch.Tensor:
     from irg_core.model.qwen2_mot import RowGroups
 
     out = []
-    for i, token in enumerate(ids):
+    for token in ids:
         new, slots = e.pool.extend(ctx, 1)
         x = e.model.embed_tokens(torch.tensor([token]))
         h = e._forward(x, torch.tensor([ctx.rope]), RowGroups.split(1, 0), False, slots,
