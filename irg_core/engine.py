@@ -16,8 +16,9 @@ program to completion; tests and the golden checks use them to look at one stage
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from irg_core.loader import LoadedModel
 from irg_core.model.qwen2_mot import RopeTable, RowGroups, fuse_projections
 from irg_core.params import RoundGuidance
 from irg_core.sampling import cfg_active, cfg_combine, sample_tokens, timesteps
-from irg_core.steps import DecodeLatent, DecodeStep, Decoding, DenoiseLoop, DenoiseStep
+from irg_core.steps import DecodeLatent, DecodeStep, Decoding, DenoiseLoop, DenoiseStep, EncodeVae
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
 
 DEFAULT_PAGE_SIZE = 256
@@ -46,6 +47,15 @@ class Branches:
     cond: Context
     no_text: Context | None = None
     no_img: Context | None = None
+
+
+def exhaust(stages: Generator[None, None, Any]) -> Any:
+    """Run a generator of stages to its end and return its value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as stop:
+            return stop.value
 
 
 def kv_bytes_per_token(loaded: LoadedModel, kv_dtype: torch.dtype) -> int:
@@ -164,20 +174,29 @@ class Engine:
                       AttnMeta([Seq(0, n + 2, new.pages, new.length)], False))
         return new.advanced(1)
 
-    @torch.inference_mode()
     def vae_rows(self, image: Image.Image, eps_seed: int) -> tuple[Tensor, Tensor]:
         """An image through the VAE transform and encoder (posterior noise from `eps_seed`): LLM rows at t=0."""
-        x = VAE_TRANSFORM(image)[None].to(self.device, self.vae.encoder.conv_in.weight.dtype)
+        return exhaust(self.vae_rows_stages(image, eps_seed))
+
+    def vae_rows_stages(self, image: Image.Image, eps_seed: int) -> Generator[None, None, tuple[Tensor, Tensor]]:
+        """`vae_rows` one encoder stage per `next()` (so a scheduler can stop a job between two of them)."""
+        with torch.inference_mode():
+            x = VAE_TRANSFORM(image)[None].to(self.device, self.vae.encoder.conv_in.weight.dtype)
         _, _, hh, ww = x.shape
-        z = self.cfg.vae.z_channels
-        eps = torch.randn((1, z, hh // 8, ww // 8), generator=torch.Generator("cpu").manual_seed(eps_seed))
-        latent = self.vae.encode(x, eps.to(self.device))
-        p, d = self.cfg.latent_patch_size, self.cfg.latent_downsample
-        h, w = hh // d, ww // d
-        tokens = patchify(latent[0, :, :h * p, :w * p], p)  # [h*w, 64]
-        pos = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
-        t0 = torch.zeros((), device=self.device)
-        return self.model.latent_rows(tokens, t0, pos), latent
+        for stage in self.vae.encoder.stages():
+            yield
+            with torch.inference_mode():
+                x = stage(x)
+        with torch.inference_mode():
+            z = self.cfg.vae.z_channels
+            eps = torch.randn((1, z, hh // 8, ww // 8), generator=torch.Generator("cpu").manual_seed(eps_seed))
+            latent = self.vae.sample(x, eps.to(self.device))
+            p, d = self.cfg.latent_patch_size, self.cfg.latent_downsample
+            h, w = hh // d, ww // d
+            tokens = patchify(latent[0, :, :h * p, :w * p], p)  # [h*w, 64]
+            pos = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
+            t0 = torch.zeros((), device=self.device)
+            return self.model.latent_rows(tokens, t0, pos), latent
 
     @torch.inference_mode()
     def vit_rows(self, image: Image.Image) -> Tensor:
@@ -269,16 +288,31 @@ class Engine:
         return _Packed(positions, torch.cat(lat_slots + mark_slots), RowGroups(tuple(groups)),
                        AttnMeta(lat_seqs + mark_seqs, False))
 
-    @torch.inference_mode()
     def decode_latent(self, latent: Tensor, width: int, height: int) -> tuple[Tensor, np.ndarray]:
         """Packed latent [N, 64] -> (decoder output [1, 3, H, W], HWC uint8 image)."""
+        return exhaust(self.decode_latent_stages(latent, width, height))
+
+    def decode_latent_stages(self, latent: Tensor, width: int,
+                             height: int) -> Generator[None, None, tuple[Tensor, np.ndarray]]:
+        """`decode_latent` one decoder stage per `next()`."""
         d, p = self.cfg.latent_downsample, self.cfg.latent_patch_size
-        z = unpatchify(latent, height // d, width // d, p, self.cfg.vae.z_channels)
-        image = self.vae.decode(z.to(self.vae.decoder.conv_in.weight.dtype))
-        return image, to_uint8(image)
+        with torch.inference_mode():
+            z = unpatchify(latent, height // d, width // d, p, self.cfg.vae.z_channels)
+            h = self.vae.decoder_input(z.to(self.vae.decoder.conv_in.weight.dtype))
+        for stage in self.vae.decoder.stages():
+            yield
+            with torch.inference_mode():
+                h = stage(h)
+        return h, to_uint8(h)
 
     def run_decode_latent(self, unit: DecodeLatent) -> tuple[Tensor, np.ndarray]:
         return self.decode_latent(unit.latent, unit.width, unit.height)
+
+    def stages_of(self, unit: EncodeVae | DecodeLatent) -> Generator[None, None, Any]:
+        """A VAE unit as a generator of stages (the scheduler runs one per tick and can stop in between)."""
+        if isinstance(unit, EncodeVae):
+            return self.vae_rows_stages(unit.image, unit.eps_seed)
+        return self.decode_latent_stages(unit.latent, unit.width, unit.height)
 
     # -- synchronous helpers (one unit or loop at a time, outside a scheduler) --------------------------
     def prefill_text(self, ctx: Context, ids: list[int]) -> Context:

@@ -98,6 +98,7 @@ class Job:
     reply: Any = None  # what to send the program next
     owned: list[Any] = field(default_factory=list)  # contexts, decodings, loops to free at the end
     partial: Context | None = None  # a chunked text prefill in progress
+    stages: Any = None  # a VAE unit in progress (a generator of stages)
     done_ids: int = 0
 
     @property
@@ -167,6 +168,9 @@ class Scheduler:
             job.program.close()
         except Exception:  # a program that misbehaves on close still gives its pages back
             pass
+        if job.stages is not None:
+            job.stages.close()
+            job.stages = None
         for what in job.owned:
             self._free(what)
         job.owned.clear()
@@ -308,6 +312,15 @@ class Scheduler:
         unit = job.pending
         if isinstance(unit, PrefillText):
             return [self._prefill_chunk(job, unit)]
+        if isinstance(unit, (EncodeVae, DecodeLatent)):  # one VAE stage per tick: a cancel is seen in between
+            if job.stages is None:
+                job.stages = self.e.stages_of(unit)
+            try:
+                next(job.stages)
+                return [_AGAIN]
+            except StopIteration as stop:
+                job.stages = None
+                return [stop.value]
         reply = execute_alone(self.e, unit)
         if isinstance(unit, PrefillImage):
             job.owned.append(reply)

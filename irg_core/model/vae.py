@@ -6,6 +6,8 @@ inference; the caller supplies eps so that the noise comes from the request's se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -102,15 +104,19 @@ class Encoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+    def stages(self) -> list[Callable[[Tensor], Tensor]]:
+        """The encoder as a sequence of functions (a caller may stop between two of them)."""
+        out: list[Callable[[Tensor], Tensor]] = [self.conv_in]
         for level in self.down:
-            for block in level.block:
-                h = block(h)
+            out.extend(level.block)
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h)))
+                out.append(level.downsample)
+        return out + [self.mid, lambda h: self.conv_out(swish(self.norm_out(h)))]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages():
+            x = stage(x)
+        return x
 
 
 class Decoder(nn.Module):
@@ -131,14 +137,19 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+    def stages(self) -> list[Callable[[Tensor], Tensor]]:
+        """The decoder as a sequence of functions (a caller may stop between two of them)."""
+        out: list[Callable[[Tensor], Tensor]] = [self.conv_in, self.mid]
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
+            out.extend(level.block)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+                out.append(level.upsample)
+        return out + [lambda h: self.conv_out(swish(self.norm_out(h)))]
+
+    def forward(self, z: Tensor) -> Tensor:
+        for stage in self.stages():
+            z = stage(z)
+        return z
 
 
 class AutoEncoder(nn.Module):
@@ -154,9 +165,15 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: Tensor, eps: Tensor) -> Tensor:
         """Posterior sample mean + exp(logvar/2) * eps, then scaled and shifted into BAGEL's latent space."""
-        mean, logvar = self.moments(x).chunk(2, dim=1)
+        return self.sample(self.moments(x), eps)
+
+    def sample(self, moments: Tensor, eps: Tensor) -> Tensor:
+        mean, logvar = moments.chunk(2, dim=1)
         z = mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
         return self.cfg.scale_factor * (z - self.cfg.shift_factor)
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor)
+        return self.decoder(self.decoder_input(z))
+
+    def decoder_input(self, z: Tensor) -> Tensor:
+        return z / self.cfg.scale_factor + self.cfg.shift_factor

@@ -102,3 +102,19 @@ def test_a_failing_job_fails_alone(engine: Engine) -> None:
     s.run([bad, good])
     assert bad.status == "failed" and "boom" in str(bad.error)
     assert good.status == DONE and engine.pool.used_pages == 1
+
+
+def test_a_cancel_during_a_vae_decode_stops_between_two_of_its_stages(engine: Engine) -> None:
+    stages = len(engine.vae.decoder.stages())
+    seen: list[str] = []
+    flag = {"stop": False, "ticks": 0}
+    s = Scheduler(engine, max_active=1)
+    job = s.submit(*prepare(engine, params(mode="direct", steps=3)), sink=lambda e: seen.append(e.type),
+                   should_cancel=lambda: flag["stop"])
+    while not job.over:
+        s.step()
+        if seen and seen[-1] == "image.progress" and seen.count("image.progress") == 2:
+            flag["ticks"] += 1
+            flag["stop"] = flag["ticks"] >= 3  # a few decoder stages in
+    assert stages > 3 and job.status == CANCELLED
+    assert "image.done" not in seen and engine.pool.used_pages == 1
