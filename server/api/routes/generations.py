@@ -97,7 +97,7 @@ async def cancel_generation(job: JobDep, queue: QueueDep) -> Response:
     if not job.terminal:
         job = await queue.cancel(job.id) or job
         if job.terminal and job.status == "cancelled":
-            metrics.JOBS.labels(job.params["mode"], "cancelled").inc()
+            metrics.job_ended(job.params["mode"], "cancelled")
     status = 200 if job.terminal else 202
     return JSONResponse(job_public(job).model_dump(mode="json"), status_code=status,
                         headers={"Location": job_path(job.id)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -42,10 +42,10 @@ async def readyz(queue: QueueDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=[Depends(get_owner)],
             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
-async def prometheus(queue: QueueDep) -> Response:
+async def prometheus(queue: QueueDep, request: Request) -> Response:
     try:
         workers = [w for w in await queue.workers() if w.ready]
         metrics.observe_workers(len(workers), sum(w.busy for w in workers), await queue.depth())
     except QueueUnavailable:
         metrics.observe_workers(0, 0, None)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

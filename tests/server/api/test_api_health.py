@@ -42,7 +42,7 @@ def test_metrics_after_a_job(serve: Any) -> None:
         assert c.post("/v1/generations", json={"prompt": "a fox", "wait": True, **SMALL}).json()["status"] == \
             "succeeded"
         text = c.get("/metrics").text
-    assert 'irg_jobs_total{mode="irg",outcome="succeeded"}' in text
+    assert 'irg_jobs_total{mode="irg",outcome="succeeded",reason="none"}' in text
     assert 'irg_jobs_submitted_total{mode="irg"}' in text
     for stage in ("thinking", "reflection", "image", "reencode", "total"):
         assert f'stage="{stage}"' in text
