@@ -87,11 +87,13 @@ class _Run:
         """Decode a thought from `ctx`, streaming `thinking.*` (round 1) or `reflection.*` (later) events."""
         kind = "thinking" if k == 1 else "reflection"
         stream = StreamDecoder(self.e.tok)
+        decoded = [0]  # tokens so far: each delta says how many (a piece of text may span several tokens)
 
         def on_token(token: int) -> None:
+            decoded[0] += 1
             piece = stream.push(token)
             if piece:
-                self.emit(EngineEvent(f"{kind}.delta", {"round": k, "text": piece}))
+                self.emit(EngineEvent(f"{kind}.delta", {"round": k, "text": piece, "tokens": decoded[0]}))
 
         seed = self.p.seed + 2 * self.n_images + k - 1
         start = time.perf_counter()
@@ -100,9 +102,9 @@ class _Run:
         self.result.stages.append(StageTiming(kind, k, time.perf_counter() - start, tokens=len(ids)))
         tail = stream.flush()
         if tail:
-            self.emit(EngineEvent(f"{kind}.delta", {"round": k, "text": tail}))
+            self.emit(EngineEvent(f"{kind}.delta", {"round": k, "text": tail, "tokens": len(ids)}))
         text = self.e.tok.thought(ids)
-        self.emit(EngineEvent(f"{kind}.done", {"round": k, "text": text}))
+        self.emit(EngineEvent(f"{kind}.done", {"round": k, "text": text, "tokens": len(ids)}))
         return ids, text
 
     def image(self, k: int, branches: Branches) -> Image.Image:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server.cli.common import add_model_options, open_engine
+from server.cli.common import add_model_options, open_engine, show_weights_log
 from server.cli.generate import add_generation_options, params_from_args
 
 
@@ -23,6 +25,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
     p.set_defaults(func=run)
+
+
+def say(message: str) -> None:
+    """Progress on stderr, as it happens (the table goes to stdout at the end)."""
+    print(f"irg bench: {message}", file=sys.stderr, flush=True)
+
+
+class StageLog:
+    """Says when each stage of a timed run ends (thought, image), each quarter of an image's denoising steps, and
+    how far into the run."""
+
+    def __init__(self, label: str):
+        self.label, self.start = label, time.perf_counter()
+
+    def __call__(self, event: Any) -> None:
+        data = event.data
+        quarter = max(1, data.get("steps", 0) // 4)
+        if event.type == "image.progress" and data["step"] < data["steps"] and data["step"] % quarter == 0:
+            say(f"{self.label}: image {data['round']} step {data['step']}/{data['steps']} at "
+                f"{time.perf_counter() - self.start:.2f} s")
+        if event.type.endswith(".done"):
+            stage = event.type.removesuffix(".done")
+            what = f"{data['tokens']} tokens" if "tokens" in data else data.get("kind", "")
+            say(f"{self.label}: {stage} {data.get('round', '')} done ({what}) at "
+                f"{time.perf_counter() - self.start:.2f} s")
 
 
 def _rows(result: Any) -> list[dict[str, Any]]:
@@ -55,10 +82,19 @@ def run(args: argparse.Namespace) -> int:
     from irg_core.trajectory import run_trajectory
 
     params = params_from_args(args)
+    show_weights_log()
+    say("loading the model")
     engine = open_engine(args)
     if not args.no_warmup:
+        say("warm-up run (3 steps, 4-token thoughts)")
         run_trajectory(engine, replace(params, steps=min(params.steps, 3), max_think_tokens=4), fixed_thoughts=True)
-    results = [run_trajectory(engine, params, fixed_thoughts=True) for _ in range(max(1, args.repeats))]
+    repeats = max(1, args.repeats)
+    results = []
+    for i in range(repeats):
+        label = f"run {i + 1}/{repeats}"
+        say(f"{label}: {params.mode}, {params.width}x{params.height}, {params.steps} steps")
+        results.append(run_trajectory(engine, params, on_event=StageLog(label), fixed_thoughts=True))
+        say(f"{label}: {results[-1].total_seconds:.2f} s")
     best = min(results, key=lambda r: r.total_seconds)
     rows = _rows(best)
     cfg = engine.cfg
