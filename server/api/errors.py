@@ -124,7 +124,8 @@ def install(app: FastAPI) -> None:
         log.warning("queue unavailable: %s", exc)
         if request.method == "POST":
             metrics.REJECTED.labels("unavailable").inc()
-        return error_response(request.url.path, 503, "unavailable", f"the job queue is unavailable: {exc}", None,
+        # the cause (Redis's host and port) is in the log above, not in the answer to a possibly anonymous caller
+        return error_response(request.url.path, 503, "unavailable", "the job queue is unavailable; retry later", None,
                               {"Retry-After": str(request.app.state.settings.retry_after_s)})
 
     @app.exception_handler(Exception)

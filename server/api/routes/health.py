@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -13,6 +14,7 @@ from server.api.deps import QueueDep, get_owner
 from server.queue.base import QueueUnavailable
 from server.schemas import ReadyStatus
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 PING_TIMEOUT_S = 2.0
 
@@ -29,8 +31,9 @@ async def readyz(queue: QueueDep) -> JSONResponse:
         await asyncio.wait_for(queue.ping(), PING_TIMEOUT_S)
         workers = await queue.workers()
         depth = await queue.depth()
-    except (QueueUnavailable, TimeoutError) as e:
-        reason = f"queue backend unreachable: {e or 'no answer within ' + str(PING_TIMEOUT_S) + ' s'}"
+    except (QueueUnavailable, TimeoutError) as e:  # the details (host, port) go to the log, not to callers
+        log.warning("readyz: queue backend unreachable: %s", e or f"no answer within {PING_TIMEOUT_S:g} s")
+        reason = "queue backend unreachable" + ("" if e else f": no answer within {PING_TIMEOUT_S:g} s")
         return JSONResponse(ReadyStatus(status="unavailable", reason=reason).model_dump(), status_code=503)
     ready = [w for w in workers if w.ready]
     if not ready:

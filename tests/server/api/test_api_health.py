@@ -32,6 +32,10 @@ def test_readyz_says_when_redis_is_unreachable(settings: Settings) -> None:
     with TestClient(create_app(s)) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["reason"].startswith("queue backend unreachable")
+        port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
+        assert port not in r.text and "127.0.0.1" not in r.text  # no backend address to an anonymous caller
+        submitted = c.post("/v1/generations", json={"prompt": "a fox"})
+        assert submitted.status_code == 503 and port not in submitted.text and "127.0.0.1" not in submitted.text
         assert c.get("/healthz").status_code == 200
         assert "irg_workers_alive 0.0" in c.get("/metrics").text
 
