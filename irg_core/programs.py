@@ -88,12 +88,12 @@ def decode_text(e: Engine, ctx: Context, max_tokens: int, temperature: float, se
             break
         ids.append(token)
         piece = stream.push(token)
-        if piece:
-            yield Emit(EngineEvent(f"{kind}.delta", {"round": k, "text": piece}))
+        if piece:  # each delta says how many tokens so far (a piece of text may span several tokens)
+            yield Emit(EngineEvent(f"{kind}.delta", {"round": k, "text": piece, "tokens": len(ids)}))
     yield Free(seq)
     tail = stream.flush()
     if tail:
-        yield Emit(EngineEvent(f"{kind}.delta", {"round": k, "text": tail}))
+        yield Emit(EngineEvent(f"{kind}.delta", {"round": k, "text": tail, "tokens": len(ids)}))
     return ids, e.tok.thought(ids)
 
 
@@ -161,7 +161,7 @@ class _Run:
                                            self.fixed)
         end = yield Stamp()
         self.marks.append((kind, k, start, end, {"tokens": len(ids)}))
-        yield Emit(EngineEvent(f"{kind}.done", {"round": k, "text": text}))
+        yield Emit(EngineEvent(f"{kind}.done", {"round": k, "text": text, "tokens": len(ids)}))
         return ids, text
 
     def image(self, k: int, branches: Branches) -> Gen:

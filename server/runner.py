@@ -99,4 +99,5 @@ class EngineRunner:
             return {}
         dev = self.engine.device
         return {"allocated": torch.cuda.memory_allocated(dev), "reserved": torch.cuda.memory_reserved(dev),
-                "peak": torch.cuda.max_memory_allocated(dev)}
+                "peak": torch.cuda.max_memory_allocated(dev),
+                "total": torch.cuda.get_device_properties(dev).total_memory}

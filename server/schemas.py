@@ -48,7 +48,6 @@ ALLOWED: dict[str, str] = {
     "renorm_min": "a finite number within [0, 1]",
     "timestep_shift": f"a finite number within (0, {MAX_TIMESTEP_SHIFT}]",
     "guidance": f"a list of at most {MAX_ROUNDS} per-round objects",
-    "n": "an integer within [1, 10]",
     "size": "auto or WIDTHxHEIGHT, each a multiple of 16 within [16, 1024]",
     "partial_images": "an integer within [0, 3]",
     "output_compression": "an integer within [0, 100]",

@@ -14,7 +14,8 @@ from server.schemas import GenerationOptions, Prompt
 class ImageGenerationRequest(GenerationOptions):
     prompt: Prompt
     model: str | None = Field(None, max_length=256, description="accepted and ignored: this server runs one model")
-    n: int | None = Field(1, ge=1, le=10, description="images to generate (one job each, seeds seed, seed+1 ...)")
+    n: int | None = Field(1, description="images to generate, 1 to IRG_MAX_IMAGES (4 unless set; 10 at most): one "
+                          "job each, seeds seed, seed+1 ...")
     size: str | None = Field("auto", pattern=r"^(auto|\d{1,5}x\d{1,5})$",
                              description="WIDTHxHEIGHT, multiples of 16 (auto: 1024x1024)")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="default b64_json")

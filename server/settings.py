@@ -6,11 +6,13 @@ commands can build their own `Settings(...)`.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from irg_core.params import MAX_STEPS, MAX_THINK_TOKENS
@@ -85,7 +87,43 @@ class Settings(BaseSettings):
         return 3 * self.heartbeat_s
 
 
+SECRET_SETTINGS = frozenset({"api_keys", "redis_url"})  # never echoed in an error (keys, Redis passwords)
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the environment variable (or flag) and the problem, one line."""
+
+
+def settings_problems(error: ValidationError, flags: Mapping[str, str] | None = None,
+                      given: Mapping[str, Any] | None = None) -> str:
+    """One line naming each invalid setting by where it came from: `IRG_PORT='abc': ...` for the environment,
+    `--port 70000: ...` for a command-line flag (`flags` maps field names to flags, `given` holds their values)."""
+    flags, given = flags or {}, given or {}
+    problems = []
+    for e in error.errors():
+        name = str(e["loc"][0]) if e.get("loc") else ""
+        problem = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if name in given and name in flags:
+            source, value = flags[name], given[name]
+            shown = "" if name in SECRET_SETTINGS else f" {value}"
+            problems.append(f"{source}{shown}: {problem}")
+            continue
+        env = f"IRG_{name.upper()}" if name else "IRG_*"
+        value = os.environ.get(env)
+        shown = "" if value is None or name in SECRET_SETTINGS else f"={value!r}"
+        problems.append(f"{env}{shown}: {problem}")
+    return "; ".join(problems)
+
+
+def load_settings(flags: Mapping[str, str] | None = None, **given: Any) -> Settings:
+    """Settings from the environment and `given` values; SettingsError (one readable line) when one is invalid."""
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        raise SettingsError(f"invalid setting: {settings_problems(e, flags, given)}") from None
+
+
 @lru_cache
 def get_settings() -> Settings:
-    """The process's settings, read from the environment once."""
-    return Settings()
+    """The process's settings, read from the environment once (SettingsError names a bad IRG_ variable)."""
+    return load_settings()

@@ -66,7 +66,7 @@ class Runner(Protocol):
     def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]: ...
 
     def memory(self) -> dict[str, int]:
-        """Accelerator memory by kind (allocated, reserved, peak); empty without one."""
+        """Accelerator memory by kind (allocated, reserved, peak, total); empty without one."""
 
 
 @dataclass(eq=False)
@@ -310,7 +310,7 @@ class Worker:
         if why == "handback":
             log.info("worker=%s job=%s handed back", self.name, job.id)
             self.publisher.put(running, lambda: self.q.release(running.claim))
-            metrics.RETRIED.inc()
+            metrics.RETRIED.labels("handback").inc()
             self._drop(running)
             return
         if why == "timeout":
@@ -348,7 +348,7 @@ class Worker:
             data["error"] = error
         self.q.finish(claim, event, data, final.to_fields(*names))
         self.info.jobs[status] = self.info.jobs.get(status, 0) + 1
-        metrics.JOBS.labels(job.params["mode"], status).inc()
+        metrics.job_ended(job.params["mode"], status, error)
         log.info("worker=%s job=%s %s%s", self.name, job.id, status, f" error={error['code']}" if error else "")
 
     # -- the timer thread ---------------------------------------------------------------------------------
@@ -372,13 +372,14 @@ class Worker:
                 for r in running:
                     self._watch_job(r, now)
                 if now >= next_beat:
+                    self._record_memory()
                     self._beat()
                     next_beat = now + self.s.heartbeat_s
                 if now >= next_recover:
                     next_recover = now + self.s.lease_s / 2
                     recovered = self.q.recover()
                     if recovered:
-                        metrics.RETRIED.inc(recovered)
+                        metrics.RETRIED.labels("lease_lost").inc(recovered)
                         log.info("worker=%s recovered %d job(s) whose worker died", self.name, recovered)
             except Exception as e:  # the backend is down; the loop keeps trying
                 log.warning("worker=%s timer: %s", self.name, e)
@@ -394,10 +395,10 @@ class Worker:
     def _record_memory(self) -> None:
         if self.runner is None:
             return
-        for kind, value in self.runner.memory().items():
-            metrics.GPU_MEMORY.labels(kind).set(value)
-            if kind == "allocated":
-                self.info.gpu_memory_bytes = value
+        memory = self.runner.memory()
+        metrics.observe_memory(memory)
+        if "allocated" in memory:
+            self.info.gpu_memory_bytes = memory["allocated"]
 
 
 def _failure(job: JobRecord, e: BaseException) -> dict[str, str]:

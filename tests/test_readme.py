@@ -79,8 +79,9 @@ def test_generate_and_bench_examples_run(tmp_path: Path, demo_dir: Path) -> None
     for args in irg_commands():
         if args[0] not in ("generate", "bench"):
             continue
-        # generate on the demo checkpoint into tmp_path; bench from the repository root, as written
-        extra, cwd = (["--model-dir", str(demo_dir)], tmp_path) if args[0] == "generate" else (["--repeats", "1"], REPO)
+        # generate on the demo checkpoint; bench as written (a packaged config by name): both outside the checkout
+        extra = ["--model-dir", str(demo_dir)] if args[0] == "generate" else ["--repeats", "1"]
+        cwd = tmp_path
         p = subprocess.run([sys.executable, "-m", "server.cli", *args, *extra], cwd=cwd, capture_output=True,
                            text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert p.returncode == 0, (args, p.stderr[-2000:])
@@ -128,6 +129,9 @@ def test_http_examples_run(live: Server, tmp_path: Path) -> None:
     events = re.findall(r"^event: (\S+)$", p.stdout, flags=re.M)
     assert events[0] == "queued" and events[-1] == "completed"
     assert {"thinking.done", "reflection.done", "image.done"} <= set(events)
+    # one line per stage in the terminal, not one per piece of text or denoising step
+    assert events == ["queued", "started", "thinking.done", "image.done", "reflection.done", "image.done",
+                      "completed"], events
     assert Image.open(tmp_path / "final.png").size == (256, 256)
 
 
@@ -138,3 +142,21 @@ def test_openai_example_runs(live: Server, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["image_generation.partial_image", "image_generation.completed"]
     assert Image.open(tmp_path / "lighthouse.png").size == (256, 256)
+
+
+def test_install_extras_exist_and_links_stay_inside_the_repository() -> None:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))["project"]["optional-dependencies"]
+    named = set()
+    for line in shell_lines():
+        for group in re.findall(r'pip install -e "\.\[([a-z,]+)\]"', line):
+            named |= set(group.split(","))
+    assert {"openai", "test"} <= named and named <= set(extras), named
+    assert any(dep.startswith("openai") for dep in extras["openai"])
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README)
+    assert "docs/api.md" in links
+    for link in links:
+        if not link.startswith(("http://", "https://")):
+            target = (REPO / link).resolve()
+            assert target.is_relative_to(REPO) and target.exists(), link

@@ -9,12 +9,15 @@ official BAGEL tokenizer is.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 DEMO_VERSION = 1
 DEMO_CONFIG = {
     "llm": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -102,8 +105,11 @@ def _complete(path: Path) -> bool:
 
 
 def ensure_demo(dest: str | Path | None = None) -> Path:
-    """The demo checkpoint directory, created on first use."""
+    """The demo checkpoint directory, created on first use (logged: it takes a while on a busy machine)."""
     dest = Path(dest).expanduser() if dest else default_demo_dir()
     if not _complete(dest):
+        start = time.monotonic()
+        log.info("creating the demo checkpoint in %s (first use only: a tiny BAGEL with random weights)", dest)
         init_demo(dest, overwrite=False)
+        log.info("demo checkpoint ready in %s (%.1f s)", dest, time.monotonic() - start)
     return dest

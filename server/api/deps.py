@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from server.api import body
 from server.api.errors import ApiError
 from server.jobs import JobRecord
 from server.queue.base import JobQueue
@@ -66,3 +67,10 @@ async def get_job(job_id: str, queue: QueueDep, owner: OwnerDep) -> JobRecord:
 
 
 JobDep = Annotated[JobRecord, Depends(get_job)]
+
+
+async def require_json(request: Request) -> None:
+    """415 for a body sent as anything but JSON (a form, text/plain...), naming the type expected."""
+    content_type = request.headers.get("content-type")
+    if not body.is_json(content_type):
+        raise ApiError(415, "unsupported_media_type", body.wrong_type(content_type), "Content-Type")

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server import metrics
+from server.api.body import unreadable_body, whole_body_error
 from server.jobs import RequestError
 from server.queue.base import QueueFull, QueueUnavailable
 from server.schemas import ALLOWED
@@ -21,13 +22,13 @@ from server.schemas import ALLOWED
 log = logging.getLogger(__name__)
 OPENAI_PREFIX = "/v1/images/"
 STATUS_CODES = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                406: "not_acceptable", 413: "body_too_large", 415: "unsupported_media_type", 429: "queue_full",
-                503: "unavailable"}
-BODY_UNREADABLE = "the body could not be read as JSON text (is it UTF-8?)"
+                406: "not_acceptable", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
+                429: "queue_full", 503: "unavailable"}
 # Documented on every route that takes a body.
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "the body is not UTF-8 text"},
+    400: {"description": "the body is not UTF-8 text, or JSON nested too deeply to parse"},
     413: {"description": "the body is larger than the server accepts (IRG_MAX_BODY_BYTES)"},
+    415: {"description": "the body is not sent as JSON (Content-Type: application/json)"},
 }
 
 
@@ -64,8 +65,10 @@ def field_path(loc: Sequence[Any]) -> str | None:
 
 def describe(error: Mapping[str, Any]) -> tuple[str | None, str]:
     """The field and a message naming it (and what it allows) of one pydantic error."""
-    loc = error.get("loc", ())
+    loc = tuple(error.get("loc", ()))
     kind = error.get("type", "")
+    if loc == ("body",):  # the body as a whole: empty, or not an object
+        return None, whole_body_error(kind, error.get("input"))
     if kind == "json_invalid":
         return None, f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})"
     name = field_path(loc)
@@ -100,7 +103,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "error")
-        message = BODY_UNREADABLE if exc.status_code == 400 else str(exc.detail)
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI's "error parsing the body", with the parser's exception chained
+            message = unreadable_body(exc.__cause__)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # Starlette lists the first route's methods only; a path can have several
             headers["Allow"] = ", ".join(sorted({m for route in request.app.router.routes for m in getattr(
@@ -119,7 +124,8 @@ def install(app: FastAPI) -> None:
         log.warning("queue unavailable: %s", exc)
         if request.method == "POST":
             metrics.REJECTED.labels("unavailable").inc()
-        return error_response(request.url.path, 503, "unavailable", f"the job queue is unavailable: {exc}", None,
+        # the cause (Redis's host and port) is in the log above, not in the answer to a possibly anonymous caller
+        return error_response(request.url.path, 503, "unavailable", "the job queue is unavailable; retry later", None,
                               {"Retry-After": str(request.app.state.settings.retry_after_s)})
 
     @app.exception_handler(Exception)

@@ -12,7 +12,9 @@ from typing import Any, Protocol
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from server import metrics
 from server.api import errors
+from server.api.http_metrics import HttpMetrics
 from server.api.limits import BodyLimit
 from server.api.routes import docs, generations, health, openai_images, web
 from server.queue.base import JobQueue
@@ -20,7 +22,8 @@ from server.settings import Settings, get_settings
 
 
 class Service(Protocol):
-    """Something that runs beside the API in the same process (the embedded worker of `irg serve`)."""
+    """Something that runs beside the API in the same process (the embedded worker of `irg serve`): with one,
+    /metrics exports the worker's metrics too."""
 
     def start(self) -> None: ...
 
@@ -71,10 +74,13 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
                   "draft image -> reflection -> final image, with every stage streamed (see API.md).")
     app.state.settings = settings
     app.state.queue = queue
+    app.state.metrics = metrics.Exposition("api", *(("worker",) if services else ()))
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (generations, openai_images, health, docs):
+    routers = (generations, openai_images, health, docs, web)  # web last: `/{name}` must not shadow the API
+    # outermost: it counts the body limit's 413s too, under the route they were sent to
+    app.add_middleware(HttpMetrics, routes=[route for module in routers for route in module.router.routes])
+    for module in routers:
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
-    app.include_router(web.router)  # last: `/{name}` must not shadow the API's paths
     return app

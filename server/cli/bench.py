@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server.cli.common import add_model_options, open_engine
+from server.cli.common import add_model_options, open_engine, show_weights_log
 from server.cli.generate import add_generation_options, params_from_args
 
 
@@ -34,6 +34,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count-ops", action="store_true", help="count aten ops per decode token and denoising step")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
     p.set_defaults(func=run)
+
+
+def say(message: str) -> None:
+    """Progress on stderr, as it happens (the table goes to stdout at the end)."""
+    print(f"irg bench: {message}", file=sys.stderr, flush=True)
+
+
+class StageLog:
+    """Says when each stage of a timed run ends (thought, image), each quarter of an image's denoising steps, and
+    how far into the run."""
+
+    def __init__(self, label: str):
+        self.label, self.start = label, time.perf_counter()
+
+    def __call__(self, event: Any) -> None:
+        data = event.data
+        quarter = max(1, data.get("steps", 0) // 4)
+        if event.type == "image.progress" and data["step"] < data["steps"] and data["step"] % quarter == 0:
+            say(f"{self.label}: image {data['round']} step {data['step']}/{data['steps']} at "
+                f"{time.perf_counter() - self.start:.2f} s")
+        if event.type.endswith(".done"):
+            stage = event.type.removesuffix(".done")
+            what = f"{data['tokens']} tokens" if "tokens" in data else data.get("kind", "")
+            say(f"{self.label}: {stage} {data.get('round', '')} done ({what}) at "
+                f"{time.perf_counter() - self.start:.2f} s")
 
 
 def _rows(result: Any) -> list[dict[str, Any]]:
@@ -58,10 +83,6 @@ def format_table(rows: list[dict[str, Any]], total: float, peak: int) -> str:
     lines.append(f"{'total':<12} {'':>5} {total:>9.3f} {100.0:>5.1f}%")
     lines.append(f"peak accelerator memory: {peak / 2**30:.2f} GiB" if peak else "peak accelerator memory: n/a (CPU)")
     return "\n".join(lines)
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 class _Forwards:
@@ -164,15 +185,19 @@ def run(args: argparse.Namespace) -> int:
     from irg_core.trajectory import run_trajectory
 
     params = params_from_args(args)
-    say("irg bench: loading the model ...")
+    show_weights_log()
+    say("loading the model")
     engine = open_engine(args)
     if not args.no_warmup:
-        say("irg bench: warm-up run ...")
+        say("warm-up run (3 steps, 4-token thoughts)")
         run_trajectory(engine, replace(params, steps=min(params.steps, 3), max_think_tokens=4), fixed_thoughts=True)
+    repeats = max(1, args.repeats)
     results = []
-    for i in range(max(1, args.repeats)):
-        say(f"irg bench: timed run {i + 1} of {max(1, args.repeats)} ...")
-        results.append(run_trajectory(engine, params, fixed_thoughts=True))
+    for i in range(repeats):
+        label = f"run {i + 1}/{repeats}"
+        say(f"{label}: {params.mode}, {params.width}x{params.height}, {params.steps} steps")
+        results.append(run_trajectory(engine, params, on_event=StageLog(label), fixed_thoughts=True))
+        say(f"{label}: {results[-1].total_seconds:.2f} s")
     best = min(results, key=lambda r: r.total_seconds)
     rows = _rows(best)
     cfg = engine.cfg
@@ -195,9 +220,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.concurrency > 1:
         n = args.concurrency
-        say(f"irg bench: {n} trajectories one at a time ...")
+        say(f"{n} trajectories one at a time")
         serial = run_batch(engine, params, n, at_once=False)
-        say(f"irg bench: {n} trajectories at once ...")
+        say(f"{n} trajectories at once")
         batched = run_batch(engine, params, n, at_once=True)
         print(format_concurrency(serial, batched))
         record.update(concurrency=n, serial=serial, batched=batched,

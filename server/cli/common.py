@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,14 +22,66 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model-dir", type=Path, help="model directory in the official BAGEL layout "
                      "(default: the embedded demo checkpoint)")
-    src.add_argument("--dummy-weights", type=Path, metavar="CONFIG.json",
-                     help="random weights for this architecture config (e.g. irg_core/data/bagel_7b_mot.json)")
+    src.add_argument("--dummy-weights", type=Path, metavar="CONFIG",
+                     help="random weights for this architecture: a config file, or the name of a packaged one ("
+                     + ", ".join(packaged_configs()) + ")")
     p.add_argument("--tokenizer-dir", type=Path, help="tokenizer files for --dummy-weights (default: the demo's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--attention", choices=BACKENDS, default=os.environ.get("IRG_ATTENTION", "sdpa"),
                    help="attention backend (default: $IRG_ATTENTION or sdpa; flash and xformers need their extras)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly on CUDA")
+
+
+def show_weights_log() -> None:
+    """Let the weights package's progress lines (the demo checkpoint being created) reach stderr in commands
+    that configure no logging of their own (`irg generate`, `irg bench`)."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("weights")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("irg: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def packaged_configs() -> list[str]:
+    """Names of the architecture configs shipped in irg_core/data (JSON files with an `llm` section)."""
+    folder = resources.files("irg_core.data")
+    names = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".json"):
+            try:
+                if "llm" in json.loads(entry.read_text("utf-8")):
+                    names.append(entry.name.removesuffix(".json"))
+            except (OSError, ValueError):
+                continue
+    return sorted(names)
+
+
+def read_config(value: Path) -> tuple[dict, str]:
+    """An architecture config and where it came from: a file (from any directory), else a packaged name
+    (`dummy_medium`, `dummy_medium.json`, `irg_core/data/dummy_medium.json` from outside the repository)."""
+    if value.is_file():
+        where: str = str(value)
+        text = value.read_text("utf-8")
+    else:
+        name = value.name.removesuffix(".json")
+        if name not in packaged_configs():
+            raise CommandError(f"--dummy-weights {value}: no such file, nor a packaged config (packaged: "
+                               f"{', '.join(packaged_configs())})")
+        where = f"irg_core/data/{name}.json"
+        text = resources.files("irg_core.data").joinpath(f"{name}.json").read_text("utf-8")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CommandError(f"--dummy-weights {value}: not a readable JSON config ({e})") from e
+    if not isinstance(config, dict):
+        raise CommandError(f"--dummy-weights {value}: expected a JSON object with llm, vit and vae sections")
+    return config, where
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
@@ -46,12 +99,11 @@ def open_engine(args: argparse.Namespace) -> Engine:
         raise CommandError(f"--device {args.device}: no CUDA device is available")
     if args.dummy_weights is not None:
         try:
-            config = json.loads(args.dummy_weights.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CommandError(f"--dummy-weights {args.dummy_weights}: not a readable JSON config ({e})") from e
+            config, where = read_config(args.dummy_weights)
+        except OSError as e:
+            raise CommandError(f"--dummy-weights {args.dummy_weights}: not readable ({e})") from e
         tokenizer = Tokenizer.from_dir(args.tokenizer_dir or ensure_demo())
-        loaded = build_dummy(BagelConfig.from_dict(config, str(args.dummy_weights)), args.device, dtype,
-                             tokenizer=tokenizer)
+        loaded = build_dummy(BagelConfig.from_dict(config, where), args.device, dtype, tokenizer=tokenizer)
     else:
         loaded = load_model(args.model_dir or ensure_demo(), args.device, dtype)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from irg_core.errors import Cancelled, ModelError
 from irg_core.params import ParamError
+from server.settings import SettingsError
 
 
 class CommandError(Exception):
@@ -11,7 +12,7 @@ class CommandError(Exception):
 
 
 def expected_error(e: BaseException) -> str | None:
-    if isinstance(e, (ModelError, ParamError, CommandError)):
+    if isinstance(e, (ModelError, ParamError, CommandError, SettingsError)):
         return str(e)
     if isinstance(e, Cancelled):
         return "cancelled"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from irg_core.params import GenerationParams, RoundGuidance, round_guidance
-from server.cli.common import add_model_options, open_engine
+from server.cli.common import add_model_options, open_engine, show_weights_log
 from server.cli.errors import CommandError
 
 
@@ -78,7 +78,9 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
 
 
 class Progress:
-    """A tqdm bar per stage (thought tokens, denoising steps), on stderr."""
+    """A tqdm bar per stage (thought tokens, denoising steps), on stderr. A thought's bar counts tokens (each
+    delta event says how many so far) and ends at 100 % of the tokens the thought had: `max_tokens`, or fewer
+    when it ended on its own."""
 
     def __init__(self, enabled: bool, max_tokens: int):
         self.enabled, self.max_tokens = enabled, max_tokens
@@ -100,8 +102,12 @@ class Progress:
                 unit = "step" if stage == "image" else "tok"
                 self.bar = tqdm(total=total, desc=f"{stage} {key[1]}", unit=unit, file=sys.stderr, leave=True)
                 self.key = key
-            self.bar.update(1)
+            done = data.get("step") if stage == "image" else data.get("tokens", self.bar.n + 1)
+            self.bar.update(max(0, done - self.bar.n))
         elif kind.endswith(".done"):
+            if self.bar is not None and key == self.key and "tokens" in data:
+                self.bar.total = data["tokens"]  # the thought's length: shorter than the limit if it ended
+                self.bar.update(data["tokens"] - self.bar.n)
             self.close()
 
     def close(self) -> None:
@@ -116,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from irg_core.trajectory import run_trajectory
 
     params = params_from_args(args)
+    show_weights_log()
     engine = open_engine(args)
     progress = Progress(not args.quiet, params.max_think_tokens)
     result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors)

@@ -5,7 +5,9 @@ in front of `irg worker` processes."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 from typing import Any
 
 from server.cli.common import add_model_options
@@ -28,12 +30,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# The flag each setting of `irg serve` / `irg worker` comes from, named in errors instead of its IRG_ variable.
+FLAGS = {"host": "--host", "port": "--port", "redis_url": "--redis", "worker_name": "--name",
+         "worker_metrics_port": "--metrics-port", "max_active": "--max-active"}
+
+
 def settings_from(args: argparse.Namespace, **extra: Any) -> Any:
-    from server.settings import Settings
+    from server.settings import load_settings
 
     given = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
              "redis_url": getattr(args, "redis", None), "max_active": getattr(args, "max_active", None), **extra}
-    return Settings(**{k: v for k, v in given.items() if v is not None})
+    return load_settings(FLAGS, **{k: v for k, v in given.items() if v is not None})
 
 
 def engine_args(args: argparse.Namespace, settings: Any) -> argparse.Namespace:
@@ -61,6 +68,25 @@ def embedded_worker(args: argparse.Namespace, settings: Any, on_fatal: Any) -> t
     return queue, WorkerThread(queue, settings, load, on_fatal)
 
 
+def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """The listening socket, bound before anything starts: a port in use fails the command with one line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise CommandError(f"cannot listen on {host}:{port}: the address does not resolve ({e.strerror})") from e
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        hint = " (another server runs there: stop it or choose --port)" if e.errno == errno.EADDRINUSE else ""
+        raise CommandError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -68,20 +94,21 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     settings = settings_from(args)
+    if settings.redis_url and (args.model_dir or args.dummy_weights):
+        raise CommandError("--redis serves the API only; give the model to `irg worker --model-dir`")
+    sock = bind(settings.host, settings.port)
     servers: list[uvicorn.Server] = []
     queue, worker = None, None
-    if settings.redis_url:
-        if args.model_dir or args.dummy_weights:
-            raise CommandError("--redis serves the API only; give the model to `irg worker --model-dir`")
-    else:
+    if not settings.redis_url:
         queue, worker = embedded_worker(args, settings, lambda: setattr(servers[0], "should_exit", True))
     app = create_app(settings, queue, [worker] if worker else [])
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             access_log=not args.no_access_log, timeout_graceful_shutdown=10)
     servers.append(uvicorn.Server(config))
-    log.info("serving on http://%s:%d (%s)", settings.host, settings.port,
-             f"redis {settings.redis_url}" if settings.redis_url else "in-process queue and worker")
-    servers[0].run()
+    host, port = sock.getsockname()[:2]
+    log.info("serving on http://%s:%d (%s)", f"[{host}]" if ":" in host else host, port,
+             "redis" if settings.redis_url else "in-process queue and worker")  # the URL may hold a password
+    servers[0].run(sockets=[sock])
     if worker is not None and worker.error is not None:
         raise CommandError(f"the worker could not load the model: {worker.error}")
     return 0

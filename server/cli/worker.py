@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
+    from server import metrics
     from server.queue.redis import RedisWorkerQueue
     from server.runner import EngineRunner
     from server.worker import Worker
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:
         raise CommandError(f"redis {settings.redis_url} is unreachable: {e}") from e
     if settings.worker_metrics_port is not None:
-        start_http_server(settings.worker_metrics_port)
+        start_http_server(settings.worker_metrics_port, registry=metrics.Exposition("worker"))
     worker = Worker(queue, settings)
     log.info("worker=%s loading the model", worker.name)
     runner = EngineRunner.open(engine_args(args, settings))

@@ -199,5 +199,8 @@ def test_200_concurrent_submissions_against_a_bound_of_10(redis_settings: Settin
         assert "irg_workers_alive 2.0" in api_metrics and "irg_queue_depth 0.0" in api_metrics
         assert 'irg_jobs_rejected_total{reason="queue_full"}' in api_metrics
         worker_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text  # the worker's own
-        assert 'irg_jobs_total{mode="direct",outcome="succeeded"}' in worker_metrics
+        assert 'irg_jobs_total{mode="direct",outcome="succeeded",reason="none"}' in worker_metrics
         assert 'irg_stage_seconds_count{round="1",stage="image"}' in worker_metrics
+        # each process exports its own metrics only: no worker-only metric at 0 on the API, no API one on a worker
+        assert "irg_workers_alive" not in worker_metrics and "irg_jobs_submitted" not in worker_metrics
+        assert "irg_stage_seconds" not in api_metrics and "irg_gpu_memory_bytes" not in api_metrics

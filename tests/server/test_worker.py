@@ -55,7 +55,7 @@ def memq(settings: Settings) -> MemoryQueue:
 def test_irg_job_publishes_every_stage_in_order(memq: MemoryQueue, settings: Settings, runner: Any) -> None:
     worker = Worker(memq, settings, "w")
     worker.runner = runner
-    before = metrics.JOBS.labels("irg", "succeeded")._value.get()
+    before = metrics.JOBS.labels("irg", "succeeded", "none")._value.get()
     job = submit(memq, settings, width=64, height=48)
     done = run_next(memq, worker)
     got = events(memq, job.id)
@@ -78,7 +78,7 @@ def test_irg_job_publishes_every_stage_in_order(memq: MemoryQueue, settings: Set
     assert done.usage["image_tokens"] == 2 * (64 // 16) * (48 // 16) and done.usage["text_tokens"] > 0
     completed = got[-1][1]
     assert completed["status"] == "succeeded" and completed["params"]["seed"] == job.params["seed"]
-    assert metrics.JOBS.labels("irg", "succeeded")._value.get() == before + 1
+    assert metrics.JOBS.labels("irg", "succeeded", "none")._value.get() == before + 1
 
 
 @pytest.mark.parametrize(("mode", "expected"), [

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from server import metrics
-from server.api.deps import JobDep, OwnerDep, QueueDep, SettingsDep, get_owner
+from server.api import idempotency
+from server.api.deps import JobDep, OwnerDep, QueueDep, SettingsDep, get_owner, require_json
 from server.api.errors import BODY_ERRORS, ApiError
 from server.api.streams import event_response, sse_content, wait_for_end
 from server.events import ENGINE_EVENTS, QUEUED, STARTED, TERMINAL_EVENTS, valid_event_id
@@ -33,21 +34,28 @@ def _idempotent_id(owner: str, key: str) -> str:
     return "gen_" + hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()[:24]
 
 
-@router.post("", status_code=202, response_model=JobPublic, summary="Submit a prompt", responses={
+@router.post("", status_code=202, response_model=JobPublic, summary="Submit a prompt",
+             dependencies=[Depends(require_json)], responses={
     200: {"model": JobPublic, "content": SSE, "description": "`stream`: the event stream; `wait`: the ended job"},
     401: ERRORS[401], 422: {"model": ErrorResponse, "description": "invalid parameters (nothing is queued)"},
+    409: {"model": ErrorResponse, "description": "the Idempotency-Key was used before with a different body"},
     429: {"model": ErrorResponse, "description": "the queue is full; see Retry-After"},
     503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}, **BODY_ERRORS})
 async def create_generation(
     body: GenerateRequest, request: Request, queue: QueueDep, settings: SettingsDep, owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header(max_length=256, description=(
-        "the same key again returns the job it created instead of queueing a new one"))] = None,
+        "the same key and body again returns the job it created instead of queueing a new one; the same key "
+        "with a different body is a 409"))] = None,
 ) -> Response:
     params = build_params(body, body.prompt, body.width, body.height, settings)
-    job_id = _idempotent_id(owner, idempotency_key) if idempotency_key else None
-    job, position, created = await queue.submit(new_job(params, owner, body.image_b64, job_id))
+    job = new_job(params, owner, body.image_b64, _idempotent_id(owner, idempotency_key) if idempotency_key else None)
+    if idempotency_key:
+        job.options[idempotency.OPTION] = idempotency.fingerprint(body)
+    job, position, created = await queue.submit(job)
     if created:
         metrics.SUBMITTED.labels(body.mode).inc()
+    elif idempotency_key:
+        idempotency.check_same(job.options, body, idempotency_key, job.id)
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
         return event_response(queue, job.id, None, settings)
     if body.wait and not job.terminal:
@@ -97,7 +105,7 @@ async def cancel_generation(job: JobDep, queue: QueueDep) -> Response:
     if not job.terminal:
         job = await queue.cancel(job.id) or job
         if job.terminal and job.status == "cancelled":
-            metrics.JOBS.labels(job.params["mode"], "cancelled").inc()
+            metrics.job_ended(job.params["mode"], "cancelled")
     status = 200 if job.terminal else 202
     return JSONResponse(job_public(job).model_dump(mode="json"), status_code=status,
                         headers={"Location": job_path(job.id)})

@@ -18,7 +18,7 @@ from PIL import Image
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server import metrics
-from server.api.deps import OwnerDep, QueueDep, SettingsDep, get_owner
+from server.api.deps import OwnerDep, QueueDep, SettingsDep, get_owner, require_json
 from server.api.errors import ApiError
 from server.api.streams import sse_content, wait_for_end
 from server.events import COMPLETED, follow
@@ -80,18 +80,19 @@ async def _submit(queue: JobQueue, params: dict[str, Any], owner: str, n: int) -
 
 
 @router.post("/generations", response_model=ImagesResponse, summary="Create images (OpenAI-compatible)",
+             dependencies=[Depends(require_json)],
              responses={200: {"content": sse_content(["image_generation.partial_image", "image_generation.completed",
                                                       "error"], "with `stream`")},
-                        400: OPENAI_ERROR, 401: OPENAI_ERROR, 413: OPENAI_ERROR, 429: OPENAI_ERROR,
+                        400: OPENAI_ERROR, 401: OPENAI_ERROR, 413: OPENAI_ERROR, 415: OPENAI_ERROR, 429: OPENAI_ERROR,
                         500: OPENAI_ERROR, 503: OPENAI_ERROR, 504: OPENAI_ERROR})
 async def create_images(body: ImageGenerationRequest, request: Request, queue: QueueDep, settings: SettingsDep,
                         owner: OwnerDep) -> Response:
     width, height = _size(body.size)
-    n = body.n or 1
+    n = 1 if body.n is None else body.n
     if body.background == "transparent":
         raise RequestError("background", "transparent backgrounds are not supported")
-    if n > settings.max_images:
-        raise RequestError("n", f"must be within [1, {settings.max_images}]")
+    if not 1 <= n <= settings.max_images:  # one message for every n out of range (the schema leaves n to this)
+        raise RequestError("n", f"must be an integer within [1, {settings.max_images}] on this server")
     if body.stream and n != 1:
         raise RequestError("n", "a streamed generation has one image: n must be 1")
     params = build_params(body, body.prompt, width, height, settings)

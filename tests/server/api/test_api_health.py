@@ -21,10 +21,11 @@ def test_readyz_waits_for_a_worker_with_a_loaded_model(settings: Settings) -> No
         assert r.status_code == 503 and r.json()["reason"] == "no worker with a loaded model is alive"
         queue.heartbeat(WorkerInfo("loading", ready=False))
         assert c.get("/readyz").status_code == 503
-        queue.heartbeat(WorkerInfo("w1", ready=True))
+        queue.heartbeat(WorkerInfo("w1", ready=True, active=1, capacity=4))
         r = c.get("/readyz")
-        assert r.status_code == 200 and r.json() == {"status": "ready", "reason": None, "workers": 1,
-                                                     "queue_depth": 0}
+        assert r.status_code == 200 and r.json() == {
+            "status": "ready", "reason": None, "workers": 1, "queue_depth": 0, "free_capacity": 3,
+            "capacity": [{"name": "w1", "active": 1, "capacity": 4, "free": 3}]}
 
 
 def test_readyz_says_when_redis_is_unreachable(settings: Settings) -> None:
@@ -32,6 +33,10 @@ def test_readyz_says_when_redis_is_unreachable(settings: Settings) -> None:
     with TestClient(create_app(s)) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["reason"].startswith("queue backend unreachable")
+        port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
+        assert port not in r.text and "127.0.0.1" not in r.text  # no backend address to an anonymous caller
+        submitted = c.post("/v1/generations", json={"prompt": "a fox"})
+        assert submitted.status_code == 503 and port not in submitted.text and "127.0.0.1" not in submitted.text
         assert c.get("/healthz").status_code == 200
         assert "irg_workers_alive 0.0" in c.get("/metrics").text
 
@@ -42,7 +47,7 @@ def test_metrics_after_a_job(serve: Any) -> None:
         assert c.post("/v1/generations", json={"prompt": "a fox", "wait": True, **SMALL}).json()["status"] == \
             "succeeded"
         text = c.get("/metrics").text
-    assert 'irg_jobs_total{mode="irg",outcome="succeeded"}' in text
+    assert 'irg_jobs_total{mode="irg",outcome="succeeded",reason="none"}' in text
     assert 'irg_jobs_submitted_total{mode="irg"}' in text
     for stage in ("thinking", "reflection", "image", "reencode", "total"):
         assert f'stage="{stage}"' in text
