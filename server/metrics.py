@@ -29,6 +29,9 @@ DENOISE_RATE = Histogram("irg_denoise_steps_per_second", "Denoising model evalua
                          buckets=RATE_BUCKETS)
 WORKERS_ALIVE = Gauge("irg_workers_alive", "Workers with a live heartbeat and a loaded model")
 WORKERS_BUSY = Gauge("irg_workers_busy", "Live workers running a job")
+OPEN_STREAMS = Gauge("irg_open_streams", "Event streams (SSE responses) this API process has open")
+STREAMS_DROPPED = Counter("irg_streams_dropped", "Event streams closed because their client took no "
+                          "data within IRG_SSE_SEND_TIMEOUT_S")
 GPU_MEMORY = Gauge("irg_gpu_memory_bytes", "Accelerator memory of this worker", ["kind"])
 
 

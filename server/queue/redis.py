@@ -33,7 +33,7 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-READ_COUNT = 1000  # events per read at most
+READ_COUNT = 100  # events per read from Redis at most (what a client older than the fanout holds)
 POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
 STREAM_CONNECTIONS = 10_000  # one per job watched at once, at most Redis's default maxclients
 F = TypeVar("F", bound=Callable[..., Any])
