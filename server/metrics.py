@@ -32,6 +32,10 @@ WORKERS_BUSY = Gauge("irg_workers_busy", "Live workers running a job")
 OPEN_STREAMS = Gauge("irg_open_streams", "Event streams (SSE responses) this API process has open")
 STREAMS_DROPPED = Counter("irg_streams_dropped", "Event streams closed because their client took no "
                           "data within IRG_SSE_SEND_TIMEOUT_S")
+REDIS_DURABLE = Gauge("irg_redis_durable", "1 when Redis has its append-only file on (a restart keeps every job), "
+                      "0 when a Redis restart or crash would lose jobs (read at start)")
+REDIS_PERSISTENCE = Gauge("irg_redis_persistence", "Redis persistence found at start: 1 for the mode (aof, rdb, none, "
+                          "unknown)", ["mode"])
 GPU_MEMORY = Gauge("irg_gpu_memory_bytes", "Accelerator memory of this worker", ["kind"])
 
 

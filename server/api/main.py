@@ -66,6 +66,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check = getattr(queue, "check_durability", None)  # Redis: warn when a restart would lose jobs
+        if check is not None:
+            await check()
         for service in services:
             service.start()
         try:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 RECONNECT_MS = 1000  # how soon an EventSource reconnects after the stream drops
 WRITE_BYTES = 64 * 1024  # most bytes handed to the server in one send
 SEP = "\r\n"  # sse-starlette's line separator
+REATTACH_S = 20.0  # how long an open stream waits for an unreachable queue before it ends
+REATTACH_POLL_S = 0.5
 
 
 def sse_content(names: list[str], description: str) -> dict[str, Any]:
@@ -72,14 +74,27 @@ def writes(batch: list[StoredEvent], retry: int | None) -> Iterator[bytes]:
 
 
 async def _events(queue: JobQueue, job_id: str, after: str | None) -> AsyncIterator[bytes]:
+    """The job's events after `after`, to its end. While the queue is unreachable the stream stays open (pings
+    go on) and re-attaches after the last event sent; after REATTACH_S of outage it ends, and the client
+    resumes with Last-Event-ID."""
     retry: int | None = RECONNECT_MS  # told once, with the first event
-    try:
-        async for batch in follow(queue, job_id, after):
-            for chunk in writes(batch, retry):
-                yield chunk
-            retry = None
-    except QueueUnavailable as e:  # end the stream; the client resumes with Last-Event-ID
-        log.warning("job=%s stream ended: %s", job_id, e)
+    down_since: float | None = None
+    while True:
+        try:
+            async for batch in follow(queue, job_id, after):
+                down_since = None
+                for chunk in writes(batch, retry):
+                    yield chunk
+                retry = None
+                after = batch[-1].id
+            return
+        except QueueUnavailable as e:
+            now = time.monotonic()
+            down_since = now if down_since is None else down_since
+            if now - down_since >= REATTACH_S:
+                log.warning("job=%s stream ended after %.0f s without the queue: %s", job_id, now - down_since, e)
+                return
+            await anyio.sleep(min(REATTACH_POLL_S, REATTACH_S - (now - down_since)))
 
 
 ABORT = "irg.abort"  # scope key: a callable that aborts the connection
