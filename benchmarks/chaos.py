@@ -361,12 +361,14 @@ class Chaos:
         timer.daemon = True
         timer.start()
 
-    def _kill_busy_worker(self, c: httpx.Client, procs: Processes) -> bool:
-        for job_id in reversed(list(self.readers)):
+    def _kill_busy_worker(self, c: httpx.Client, procs: Processes, job_id: str) -> bool:
+        """`kill -9` the worker running `job_id` (just submitted) once it runs; False if it ended first."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
             try:
                 job = c.get(f"/v1/generations/{job_id}").json()
             except (httpx.HTTPError, ValueError):
-                continue
+                return False
             name = job.get("worker")
             if job.get("status") == "running" and name in procs.procs and procs.procs[name].poll() is None:
                 procs.procs[name].send_signal(signal.SIGKILL)
@@ -376,6 +378,9 @@ class Chaos:
                 if self.cfg.replace:
                     procs.worker(f"w{len(procs.procs)}")
                 return True
+            if job.get("status") not in ("queued", "running"):
+                return False
+            time.sleep(0.01)
         return False
 
     def _restart_redis(self, redis_server: RedisServer) -> None:
@@ -397,8 +402,6 @@ class Chaos:
         i = 0
         while time.monotonic() < end:
             t = self._t()
-            if self.figures.worker_kills == 0 and t >= 0.3 * self.cfg.duration:
-                self._kill_busy_worker(c, procs)
             if self.restarter is None and t >= 0.6 * self.cfg.duration:
                 self.restarter = threading.Thread(target=self._restart_redis, args=(redis_server,), daemon=True)
                 self.restarter.start()
@@ -408,7 +411,9 @@ class Chaos:
                 self.count("accepted")
                 hang_up = self.rng.randint(2, 8) if self.rng.random() < self.cfg.disconnect_share else None
                 self.readers[job_id] = Reader(base, job_id, submitted, hang_up, self)
-                if self.rng.random() < self.cfg.cancel_share:
+                if self.figures.worker_kills == 0 and t >= 0.3 * self.cfg.duration:
+                    self._kill_busy_worker(c, procs, job_id)
+                elif self.rng.random() < self.cfg.cancel_share:
                     self._cancel_later(base, job_id)
             i += 1
             time.sleep(max(0.0, submitted + self.cfg.submit_every - time.monotonic()))
@@ -503,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = Chaos(cfg).run()
     say(figures.table())
     growth = figures.api_rss_peak_mb - figures.api_rss_start_mb
-    ok = (figures.lost == 0 and figures.streams_exact == figures.streams_checked and not figures.problems
+    ok = (figures.worker_kills >= 1 and figures.redis_restarts == 1 and figures.lost == 0
+          and figures.streams_exact == figures.streams_checked and not figures.problems
           and figures.http_5xx_outside_outage == 0 and growth <= cfg.max_rss_growth_mb)
     for problem in figures.problems[:20]:
         say("problem:", problem)
