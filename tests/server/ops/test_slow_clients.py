@@ -49,9 +49,8 @@ def finished_job(settings: Settings) -> tuple[str, int]:
 
 
 def stuck_client(port: int, path: str) -> socket.socket:
-    """A client that sends its request and never reads (a small receive buffer, so the server feels it soon)."""
+    """A client that sends its request and never reads (default socket buffers: the kernel takes megabytes)."""
     s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
     s.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n".encode())
     return s
