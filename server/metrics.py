@@ -65,6 +65,13 @@ KV_PAGES = Gauge("irg_kv_pages", "KV cache pages of this worker, by state (used,
                  registry=WORKER)
 ADMISSION_WAITS = Counter("irg_admission_waits", "Scheduler ticks in which the next job waited for KV room",
                           registry=WORKER)
+OPEN_STREAMS = Gauge("irg_open_streams", "Event streams (SSE responses) this API process has open", registry=API)
+STREAMS_DROPPED = Counter("irg_streams_dropped", "Event streams closed because their client took no "
+                          "data within IRG_SSE_SEND_TIMEOUT_S", registry=API)
+REDIS_DURABLE = Gauge("irg_redis_durable", "1 when Redis has its append-only file on (a restart keeps every job), "
+                      "0 when a Redis restart or crash would lose jobs (read at start)", registry=SHARED)
+REDIS_PERSISTENCE = Gauge("irg_redis_persistence", "Redis persistence found at start: 1 for the mode (aof, rdb, none, "
+                          "unknown)", ["mode"], registry=SHARED)
 
 # Why a job ended, from its error code (server.jobs / server.queue.base): a bounded label for alerts.
 REASONS = ("none", "cancelled", "timeout", "oom", "lease_lost", "invalid_params", "error")

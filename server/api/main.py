@@ -17,6 +17,7 @@ from server.api import errors
 from server.api.http_metrics import HttpMetrics
 from server.api.limits import BodyLimit
 from server.api.routes import docs, generations, health, openai_images, web
+from server.api.streams import remember_transport
 from server.queue.base import JobQueue
 from server.settings import Settings, get_settings
 
@@ -53,6 +54,14 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return app.openapi_schema
 
 
+class App(FastAPI):
+    """FastAPI, that notes in each request's scope how to abort its connection (a stalled event stream)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        remember_transport(scope, send)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
                services: Sequence[Service] = ()) -> FastAPI:
     settings = settings or get_settings()
@@ -60,6 +69,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check = getattr(queue, "check_durability", None)  # Redis: warn when a restart would lose jobs
+        if check is not None:
+            await check()
         for service in services:
             service.start()
         try:
@@ -69,7 +81,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
                 service.stop()
             await queue.close()
 
-    app = FastAPI(title="IRG Server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = App(title="IRG Server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, description="Interleaving Reasoning Generation on BAGEL: prompt -> thinking -> "
                   "draft image -> reflection -> final image, with every stage streamed (see API.md).")
     app.state.settings = settings

@@ -31,9 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from server import metrics
+    from server.queue.durability import check_sync
     from server.queue.redis import RedisWorkerQueue
-    from server.runner import EngineRunner
-    from server.worker import Worker
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     settings = settings_from(args, worker_name=args.name, worker_metrics_port=args.metrics_port)
@@ -44,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         queue.r.ping()
     except Exception as e:
         raise CommandError(f"redis {settings.redis_url} is unreachable: {e}") from e
+    check_sync(queue.r, "worker")
+    from server.runner import EngineRunner  # torch: after what can be checked in a second
+    from server.worker import Worker
     if settings.worker_metrics_port is not None:
         start_http_server(settings.worker_metrics_port, registry=metrics.Exposition("worker"))
     worker = Worker(queue, settings)

@@ -1,7 +1,8 @@
 """One blocking read of a job's Redis stream per API process, however many clients watch the job.
 
 Without it, every SSE client holds a Redis connection in XREAD and every event is fetched and parsed once per
-client. A `Follower` reads the stream once, keeps the recent events in memory and wakes the local readers;
+client. A `Follower` reads the stream once (starting with its last `BUFFER` events), keeps the recent events in
+memory, shared by every reader, and wakes the local readers;
 a reader asking for events older than what it holds (a late client, a resume far back) reads them from Redis
 directly, then catches up with the follower.
 """
@@ -38,14 +39,14 @@ def to_events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[StoredEve
 class Follower:
     """The events of one stream after `base`, as they arrive."""
 
-    def __init__(self, client: aioredis.Redis, key: str, base: str, ended: bool = False):
+    def __init__(self, client: aioredis.Redis, key: str, base: str, events: list[StoredEvent] | None = None):
         self.r, self.key = client, key
         self.base = stream_id(base)  # every event after this id is in `events` (or was trimmed: base moves)
-        self.events: list[StoredEvent] = []
-        self.ids: list[tuple[int, int]] = []
-        self.last = base
+        self.events: list[StoredEvent] = list(events or [])
+        self.ids: list[tuple[int, int]] = [stream_id(e.id) for e in self.events]
+        self.last = self.events[-1].id if self.events else base
         self.changed = asyncio.Event()
-        self.ended = ended  # the stream has its terminal event: nothing more will come
+        self.ended = bool(self.events) and self.events[-1].terminal  # nothing more will come
         self.error: BaseException | None = None
         self.users = 0
         self.idle: asyncio.TimerHandle | None = None
@@ -105,9 +106,11 @@ class Fanout:
     async def follow(self, key: str) -> AsyncIterator[Follower]:
         follower = self.followers.get(key)
         if follower is None or follower.error is not None:
-            last = to_events(await self.r.xrevrange(key, count=1))
-            base, ended = (last[0].id, last[0].terminal) if last else ("0-0", False)
-            follower = self.followers[key] = Follower(self.r, key, base, ended)
+            # The stream's recent events, so that every client of this job reads one copy of them (clients
+            # of a finished job too); one more than kept tells whether older ones exist.
+            recent = to_events(await self.r.xrevrange(key, count=BUFFER + 1))[::-1]
+            base = recent.pop(0).id if len(recent) > BUFFER else "0-0"
+            follower = self.followers[key] = Follower(self.r, key, base, recent)
         follower.users += 1
         if follower.idle is not None:
             follower.idle.cancel()

@@ -17,23 +17,20 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from server.events import StoredEvent
 from server.jobs import TERMINAL_STATUSES, JobRecord
 from server.queue import lua
 from server.queue.base import Claim, LeaseLost, QueueFull, QueueUnavailable, WorkerInfo, attempts_exhausted
+from server.queue.durability import check_async
 from server.queue.fanout import Fanout, text, to_events
 from server.queue.keys import PENDING_TTL_S, WAKE_MAXLEN, Keys
+from server.queue.redis_conn import DETAIL, DOWN, async_client_options, public_reason, sync_client_options
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
-DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-READ_COUNT = 1000  # events per read at most
+READ_COUNT = 100  # events per read from Redis at most (what a client older than the fanout holds)
 POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
 STREAM_CONNECTIONS = 10_000  # one per job watched at once, at most Redis's default maxclients
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,17 +55,11 @@ def _available(fn: F) -> F:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
-        except DOWN as e:
-            raise QueueUnavailable(f"redis unreachable: {e}") from e
+        except DOWN as e:  # the detail (it names Redis's address) goes to the log only
+            DETAIL.warn("redis: %s: %s", type(e).__name__, e)
+            raise QueueUnavailable(public_reason(e)) from e
 
     return wrapper  # type: ignore[return-value]
-
-
-def client_options() -> dict[str, Any]:
-    # One immediate retry re-dials a pooled connection Redis closed (a restart); more would only delay
-    # the answer while Redis is really down.
-    return {"socket_connect_timeout": 2.0, "socket_timeout": 10.0, "retry": Retry(NoBackoff(), 1),
-            "health_check_interval": 0}
 
 
 def _redis_url(settings: Settings) -> str:
@@ -85,9 +76,9 @@ class RedisJobQueue:
         # Short commands share a bounded pool (a burst waits for a connection instead of opening hundreds);
         # the blocking stream reads, one per watched job (fanout.py), get their own pool.
         self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_S, **client_options()))
+            url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_S, **async_client_options()))
         streams = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
-            url, max_connections=STREAM_CONNECTIONS, **client_options()))
+            url, max_connections=STREAM_CONNECTIONS, **async_client_options()))
         self.fanout = Fanout(streams)
         self._submit = self.r.register_script(lua.SUBMIT)
         self._cancel = self.r.register_script(lua.CANCEL)
@@ -137,6 +128,10 @@ class RedisJobQueue:
         flat = await self._cancel(keys=keys, args=[job_id, time.time(), self.s.result_ttl_s])
         return JobRecord.from_fields(_pairs(flat)) if flat else None
 
+    async def check_durability(self) -> None:
+        """Log (and export) whether a Redis restart would lose jobs; never fails the start."""
+        await check_async(self.r, "api")
+
     @_available
     async def ping(self) -> None:
         await self.r.ping()
@@ -168,7 +163,7 @@ class RedisWorkerQueue:
     def __init__(self, settings: Settings):
         self.s = settings
         self.k = Keys(settings.redis_prefix)
-        self.r = redis.Redis.from_url(_redis_url(settings), **client_options())
+        self.r = redis.Redis.from_url(_redis_url(settings), **sync_client_options())
         self._claim = self.r.register_script(lua.CLAIM)
         self._emit = self.r.register_script(lua.EMIT)
         self._finish = self.r.register_script(lua.FINISH)

@@ -15,12 +15,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from PIL import Image
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from server import metrics
 from server.api.deps import OwnerDep, QueueDep, SettingsDep, get_owner, require_json
 from server.api.errors import ApiError
-from server.api.streams import sse_content, wait_for_end
+from server.api.streams import bounded_response, sse_content, wait_for_end
 from server.events import COMPLETED, follow
 from server.jobs import JobRecord, RequestError, build_params, image_url, new_job
 from server.queue.base import JobQueue, QueueFull
@@ -101,8 +101,7 @@ async def create_images(body: ImageGenerationRequest, request: Request, queue: Q
                     f"{params['width']}x{params['height']}")
     if body.stream:
         limit = 3 if body.partial_images is None else body.partial_images
-        return EventSourceResponse(_stream(queue, jobs[0].id, output, limit), ping=settings.sse_ping_s,
-                                   send_timeout=settings.sse_send_timeout_s)
+        return bounded_response(_stream(queue, jobs[0].id, output, limit), settings)
     return await _collect(queue, jobs, body, output, request, settings.wait_timeout_s)
 
 
