@@ -83,7 +83,7 @@ class _Run:
         self.result.stages.append(StageTiming(stage, round_index, time.perf_counter() - start, **counts))
         return out
 
-    def think(self, ctx: Context, k: int) -> tuple[list[int], str]:
+    def think(self, ctx: Context, k: int) -> tuple[list[int], str, bool]:
         """Decode a thought from `ctx`, streaming `thinking.*` (round 1) or `reflection.*` (later) events."""
         kind = "thinking" if k == 1 else "reflection"
         stream = StreamDecoder(self.e.tok)
@@ -102,8 +102,10 @@ class _Run:
         if tail:
             self.emit(EngineEvent(f"{kind}.delta", {"round": k, "text": tail}))
         text = self.e.tok.thought(ids)
-        self.emit(EngineEvent(f"{kind}.done", {"round": k, "text": text}))
-        return ids, text
+        # decode stops before <|im_end|>: a thought as long as the limit never ended (cut, then fed back as is)
+        truncated = len(ids) >= self.p.max_think_tokens and not self.fixed_thoughts
+        self.emit(EngineEvent(f"{kind}.done", {"round": k, "text": text, "truncated": truncated}))
+        return ids, text, truncated
 
     def image(self, k: int, branches: Branches) -> Image.Image:
         p, e = self.p, self.e
@@ -135,8 +137,9 @@ class _Run:
 
         return self.timed("reencode", k, run)
 
-    def record(self, k: int, text: str | None, ids: list[int], image: Image.Image) -> None:
-        self.result.rounds.append(RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image)))
+    def record(self, k: int, text: str | None, ids: list[int], image: Image.Image, truncated: bool = False) -> None:
+        self.result.rounds.append(RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image),
+                                              truncated))
 
 
 def pool_budget(engine: Engine, params: GenerationParams, prompt_tokens: int) -> tuple[int, int]:
@@ -194,10 +197,10 @@ def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink
         image = run.image(1, Branches(main, with_system, main))
         run.record(1, None, [], image)
     elif params.mode == "think":
-        ids, text = run.think(main, 1)
+        ids, text, truncated = run.think(main, 1)
         cond = engine.prefill_text(main, tok.frame(text))
         image = run.image(1, Branches(cond, with_system, main))
-        run.record(1, text, ids, image)
+        run.record(1, text, ids, image, truncated)
     else:
         _irg(run, main, with_system)
     run.result.total_seconds = time.perf_counter() - start
@@ -210,11 +213,11 @@ def _irg(run: _Run, main: Context, no_text: Context) -> None:
     e = run.e
     texts = main  # the image-free context: [S, P, T_1, ...]
     for k in range(1, run.n_images + 1):
-        ids, text = run.think(main, k)
+        ids, text, truncated = run.think(main, k)
         fed = e.tok.frame(text)
         main = e.prefill_text(main, fed)
         texts = main if k == 1 else e.prefill_text(texts, fed)
         image = run.image(k, Branches(main, no_text, texts if k > 1 else None))
-        run.record(k, text, ids, image)
+        run.record(k, text, ids, image, truncated)
         if k < run.n_images:
             main = no_text = run.reencode(k, main, image)

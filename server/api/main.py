@@ -12,9 +12,12 @@ from typing import Any, Protocol
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from irg_core.defaults import ServingDefaults
 from server.api import errors
 from server.api.limits import BodyLimit
+from server.api.routes import defaults as defaults_route
 from server.api.routes import docs, generations, health, openai_images, web
+from server.defaults import serving_defaults
 from server.queue.base import JobQueue
 from server.settings import Settings, get_settings
 
@@ -51,9 +54,11 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
-               services: Sequence[Service] = ()) -> FastAPI:
+               services: Sequence[Service] = (), defaults: ServingDefaults | None = None) -> FastAPI:
+    """`defaults`: the serving defaults of the model the workers run (default: read from settings.model_dir)."""
     settings = settings or get_settings()
     queue = queue or make_queue(settings)
+    defaults = defaults or serving_defaults(settings.model_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,9 +76,10 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
                   "draft image -> reflection -> final image, with every stage streamed (see API.md).")
     app.state.settings = settings
     app.state.queue = queue
+    app.state.serving_defaults = defaults
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (generations, openai_images, health, docs):
+    for module in (generations, defaults_route, openai_images, health, docs):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     app.include_router(web.router)  # last: `/{name}` must not shadow the API's paths

@@ -62,7 +62,9 @@ def embedded_worker(args: argparse.Namespace, settings: Any, on_fatal: Any) -> t
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from irg_core.defaults import DefaultsError
     from server.api.main import create_app
+    from server.defaults import serving_defaults
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     settings = settings_from(args)
@@ -70,10 +72,16 @@ def run(args: argparse.Namespace) -> int:
     queue, worker = None, None
     if settings.redis_url:
         if args.model_dir or args.dummy_weights:
-            raise CommandError("--redis serves the API only; give the model to `irg worker --model-dir`")
+            raise CommandError("--redis serves the API only; give the model to `irg worker --model-dir` (and its "
+                               "serving defaults to the API with IRG_MODEL_DIR)")
     else:
         queue, worker = embedded_worker(args, settings, lambda: setattr(servers[0], "should_exit", True))
-    app = create_app(settings, queue, [worker] if worker else [])
+    try:  # the defaults of the model the workers run (docs/server.md); a bad file stops the start
+        defaults = serving_defaults(args.model_dir or settings.model_dir, dummy=args.dummy_weights is not None)
+    except DefaultsError as e:
+        raise CommandError(str(e)) from e
+    log.info("request defaults from %s", defaults.source)
+    app = create_app(settings, queue, [worker] if worker else [], defaults)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             access_log=not args.no_access_log, timeout_graceful_shutdown=10)
     servers.append(uvicorn.Server(config))

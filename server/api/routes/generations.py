@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from server import metrics
-from server.api.deps import JobDep, OwnerDep, QueueDep, SettingsDep, get_owner
+from server.api.deps import DefaultsDep, JobDep, OwnerDep, QueueDep, SettingsDep, get_owner
 from server.api.errors import BODY_ERRORS, ApiError
 from server.api.streams import event_response, sse_content, wait_for_end
 from server.events import ENGINE_EVENTS, QUEUED, STARTED, TERMINAL_EVENTS, valid_event_id
@@ -40,10 +40,11 @@ def _idempotent_id(owner: str, key: str) -> str:
     503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}, **BODY_ERRORS})
 async def create_generation(
     body: GenerateRequest, request: Request, queue: QueueDep, settings: SettingsDep, owner: OwnerDep,
+    defaults: DefaultsDep,
     idempotency_key: Annotated[str | None, Header(max_length=256, description=(
         "the same key again returns the job it created instead of queueing a new one"))] = None,
 ) -> Response:
-    params = build_params(body, body.prompt, body.width, body.height, settings)
+    params = build_params(body, body.prompt, body.width, body.height, settings, defaults)
     job_id = _idempotent_id(owner, idempotency_key) if idempotency_key else None
     job, position, created = await queue.submit(new_job(params, owner, body.image_b64, job_id))
     if created:
