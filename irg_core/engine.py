@@ -20,6 +20,7 @@ from irg_core.errors import Cancelled
 from irg_core.kv_cache import Context, KVPool, pages_needed
 from irg_core.loader import LoadedModel
 from irg_core.model.qwen2_mot import rope_tables
+from irg_core.numerics import precision
 from irg_core.params import RoundGuidance
 from irg_core.sampling import cfg_active, cfg_combine, sample_flow, timesteps
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
@@ -190,9 +191,9 @@ class Engine:
     def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
                        noise: Tensor, on_step: Callable[[int, int], None] | None = None,
                        should_cancel: Callable[[], bool] | None = None,
-                       observe: Callable[[str, int, Tensor], None] | None = None) -> Tensor:
+                       observe: Callable[[str, int, Tensor], None] | None = None, mode: str = "irg") -> Tensor:
         """Denoise `noise` [N, 64] into a packed latent [N, 64]; all guidance branches of a step run as one
-        batched forward over the packed contexts."""
+        batched forward over the packed contexts. `mode` picks the state's dtype (irg_core.numerics)."""
         assert self.pool is not None
         d = self.cfg.latent_downsample
         h, w = height // d, width // d
@@ -231,7 +232,7 @@ class Engine:
                     on_step(i + 1, steps - 1)
                 return v
 
-            return sample_flow(velocity, noise.to(self.device, self.dtype), ts)
+            return sample_flow(velocity, noise.to(self.device, precision(mode, self.dtype).state_dtype), ts)
         finally:
             self.pool.release(mark)
 
@@ -246,9 +247,9 @@ class Engine:
         return self._batch(positions, torch.cat(lat_slots + mark_slots), seqs, False, k * n, True)
 
     @torch.inference_mode()
-    def decode_latent(self, latent: Tensor, width: int, height: int) -> tuple[Tensor, np.ndarray]:
-        """Packed latent [N, 64] -> (decoder output [1, 3, H, W], HWC uint8 image)."""
+    def decode_latent(self, latent: Tensor, width: int, height: int, mode: str = "irg") -> tuple[Tensor, np.ndarray]:
+        """Packed latent [N, 64] -> (decoder output [1, 3, H, W], HWC uint8 image); `mode`: irg_core.numerics."""
         d, p = self.cfg.latent_downsample, self.cfg.latent_patch_size
         z = unpatchify(latent, height // d, width // d, p, self.cfg.vae.z_channels)
-        image = self.vae.decode(z.to(self.vae.decoder.conv_in.weight.dtype))
+        image = self.vae.decode(z, mixed=precision(mode, self.vae.dtype).decode_mixed)
         return image, to_uint8(image)

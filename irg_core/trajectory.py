@@ -117,10 +117,11 @@ class _Run:
             self.emit(EngineEvent("image.progress", {"round": k, "step": step, "steps": steps}))
 
         def draw() -> torch.Tensor:
-            return e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel)
+            return e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel,
+                                    mode=p.mode)
 
         latent = self.timed("image", k, draw, steps=p.steps - 1)
-        pixels = self.timed("decode", k, lambda: e.decode_latent(latent, p.width, p.height)[1])
+        pixels = self.timed("decode", k, lambda: e.decode_latent(latent, p.width, p.height, p.mode)[1])
         if self.keep_tensors:
             self.result.tensors[f"round{k}.init_noise"] = noise
             self.result.tensors[f"round{k}.final_latent"] = latent.float().cpu()

@@ -17,6 +17,19 @@ def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
+def _norm_out(norm: nn.GroupNorm, x: Tensor, mixed: bool) -> Tensor:
+    """GroupNorm; `mixed`: as under CUDA autocast, in float32 with a float32 result (group_norm is on
+    autocast's float32 list), whatever the weights' dtype; the next convolution rounds back (`_conv`)."""
+    if not mixed:
+        return norm(x)
+    return F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
+
+
+def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A convolution in the weights' dtype (under autocast: its input cast to bf16)."""
+    return conv(x.to(conv.weight.dtype))
+
+
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, ch, eps=1e-6, affine=True)
 
@@ -28,10 +41,10 @@ class ResnetBlock(nn.Module):
         self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        h = _conv(self.conv1, swish(_norm_out(self.norm1, x, mixed)))
+        h = _conv(self.conv2, swish(_norm_out(self.norm2, h, mixed)))
+        return (x if self.nin_shortcut is None else _conv(self.nin_shortcut, x)) + h
 
 
 class AttnBlock(nn.Module):
@@ -42,10 +55,10 @@ class AttnBlock(nn.Module):
         self.norm = _norm(ch)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.norm(x)
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        h = _norm_out(self.norm, x, mixed)
         b, c, hh, ww = x.shape
-        q, k, v = (p(h).reshape(b, 1, c, hh * ww).transpose(2, 3) for p in (self.q, self.k, self.v))
+        q, k, v = (_conv(p, h).reshape(b, 1, c, hh * ww).transpose(2, 3) for p in (self.q, self.k, self.v))
         o = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         return x + self.proj_out(o.transpose(2, 3).reshape(b, c, hh, ww))
 
@@ -73,8 +86,8 @@ class _Mid(nn.Module):
         super().__init__()
         self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch), AttnBlock(ch), ResnetBlock(ch, ch)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, mixed), mixed), mixed)
 
 
 class _Level(nn.Module):
@@ -102,15 +115,15 @@ class Encoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        h = _conv(self.conv_in, x)
         for level in self.down:
             for block in level.block:
-                h = block(h)
+                h = block(h, mixed)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        h = self.mid(h, mixed)
+        return _conv(self.conv_out, swish(_norm_out(self.norm_out, h, mixed)))
 
 
 class Decoder(nn.Module):
@@ -131,14 +144,14 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+    def forward(self, z: Tensor, mixed: bool = False) -> Tensor:
+        h = self.mid(_conv(self.conv_in, z), mixed)
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                h = block(h, mixed)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return _conv(self.conv_out, swish(_norm_out(self.norm_out, h, mixed)))
 
 
 class AutoEncoder(nn.Module):
@@ -148,15 +161,29 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def moments(self, x: Tensor) -> Tensor:
-        """x [B, 3, H, W] in [-1, 1] -> cat(mean, logvar) [B, 2z, H/8, W/8]."""
-        return self.encoder(x)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
 
-    def encode(self, x: Tensor, eps: Tensor) -> Tensor:
-        """Posterior sample mean + exp(logvar/2) * eps, then scaled and shifted into BAGEL's latent space."""
-        mean, logvar = self.moments(x).chunk(2, dim=1)
-        z = mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
+    def moments(self, x: Tensor, mixed: bool = False) -> Tensor:
+        """x [B, 3, H, W] in [-1, 1] -> cat(mean, logvar) [B, 2z, H/8, W/8] (in the weights' dtype)."""
+        return self.encoder(x, mixed)
+
+    def encode(self, x: Tensor, eps: Tensor, mixed: bool = True) -> Tensor:
+        """Posterior sample mean + exp(logvar/2) * eps, then scaled and shifted into BAGEL's latent space.
+
+        `mixed` (the official code encodes under autocast): GroupNorms in float32, and `exp` too, so with
+        bf16 weights the sample is float32 (bf16 mean + float32 std * eps rounded to bf16, as `randn_like(mean)`
+        draws it)."""
+        mean, logvar = self.moments(x, mixed).chunk(2, dim=1)
+        std = (0.5 * logvar).float().exp() if mixed else (0.5 * logvar).exp()
+        z = mean + std * eps.to(mean.dtype)
         return self.cfg.scale_factor * (z - self.cfg.shift_factor)
 
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor)
+    def decode(self, z: Tensor, mixed: bool = False) -> Tensor:
+        """Latent [B, z, h, w] -> image [B, 3, H, W]. Plain: z is cast to the weights' dtype first and every op
+        runs in it. `mixed` (as under autocast): `z / scale + shift` in z's dtype, GroupNorm and swish in float32,
+        convolutions in the weights' dtype; the output is in the weights' dtype either way."""
+        if not mixed:
+            z = z.to(self.dtype)
+        return self.decoder(z / self.cfg.scale_factor + self.cfg.shift_factor, mixed)
