@@ -180,7 +180,7 @@ function onEvent(run, type, data, id) {
     case "thinking.done":
     case "reflection.done":
       state.texts[textKey] = data.text;
-      if (!view.finishText(k, data.text)) state.mismatches += 1;
+      if (!view.finishText(k, data.text, data.truncated === true)) state.mismatches += 1;
       break;
     case "image.progress":
       view.progress(k, data.step, data.steps);

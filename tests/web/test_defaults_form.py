@@ -5,7 +5,7 @@ from __future__ import annotations
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from tests.web.test_page import open_page, wait_for
+from tests.web.test_page import fill, open_page, report, wait_for, wait_until_ended
 
 FIELDS = {"width": "width", "height": "height", "steps": "steps", "max_tokens": "max_think_tokens",
           "temperature": "temperature"}
@@ -32,3 +32,18 @@ def test_form_follows_the_servers_defaults_per_mode(browser, server) -> None:
     steps.send_keys("7")
     Select(browser.find_element(By.ID, "mode")).select_by_value("think")
     assert values(browser) == dict(expected(defaults, "think"), steps=7.0)  # typed values stay
+
+
+def test_a_thought_cut_by_the_limit_says_so(browser, server) -> None:
+    open_page(browser, server)
+    fill(browser, width=64, height=64, steps=3, max_tokens=6)  # the random demo model never ends a thought in 6
+    browser.find_element(By.ID, "submit").click()
+    s = wait_until_ended(browser)
+    assert s["status"] == "succeeded", report(browser)
+    done = [data for _, event, data in server.events(s["jobId"]) if event in ("thinking.done", "reflection.done")]
+    assert [d["truncated"] for d in done] == [True, True]
+    cut = browser.execute_script(
+        "return [...document.querySelectorAll('.thought-text')].map((el) => el.hasAttribute('data-truncated'))")
+    assert cut == [True, True]
+    job = server.json("GET", f"/v1/generations/{s['jobId']}")
+    assert [t["truncated"] for t in job["texts"]] == [True, True]
