@@ -97,7 +97,7 @@ def test_init_demo_writes_a_loadable_official_layout(irg_on_path, tmp_path: Path
     assert p.returncode == 0, p.stderr
     files = {f.name for f in (tmp_path / "demo").iterdir()}
     assert files == {"llm_config.json", "vit_config.json", "ae_config.json", "ema.safetensors", "ae.safetensors",
-                     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"}
+                     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "serving_defaults.json"}
     from irg_core.loader import load_model
 
     m = load_model(tmp_path / "demo", device="cpu")
