@@ -55,10 +55,11 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
                services: Sequence[Service] = (), defaults: ServingDefaults | None = None) -> FastAPI:
-    """`defaults`: the serving defaults of the model the workers run (default: read from settings.model_dir)."""
+    """`defaults`: the serving defaults of the model the workers run (default: read from settings.model_dir;
+    without one, the demo's in-process and the recipe's in front of Redis, see server.defaults)."""
     settings = settings or get_settings()
     queue = queue or make_queue(settings)
-    defaults = defaults or serving_defaults(settings.model_dir)
+    defaults = defaults or serving_defaults(settings.model_dir, demo_when_unset=not settings.redis_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         queue, worker = embedded_worker(args, settings, lambda: setattr(servers[0], "should_exit", True))
     try:  # the defaults of the model the workers run (docs/server.md); a bad file stops the start
-        defaults = serving_defaults(args.model_dir or settings.model_dir, dummy=args.dummy_weights is not None)
+        defaults = serving_defaults(args.model_dir or settings.model_dir, dummy=args.dummy_weights is not None,
+                                    demo_when_unset=not settings.redis_url)
     except DefaultsError as e:
         raise CommandError(str(e)) from e
     log.info("request defaults from %s", defaults.source)

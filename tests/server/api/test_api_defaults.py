@@ -48,6 +48,15 @@ def test_demo_defaults_and_deployment_caps(settings: Settings) -> None:
         assert c.get("/v1/defaults").json()["modes"]["irg"]["width"] == 128
 
 
+def test_api_replica_in_front_of_redis(settings: Settings, golden_dir: Path) -> None:
+    from server.defaults import serving_defaults
+
+    redis = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})  # never contacted here
+    app = create_app(redis, MemoryQueue(settings))  # no model directory: it cannot know the workers' model
+    assert app.state.serving_defaults == serving_defaults(golden_dir / "model")  # the recipe's
+    assert app.state.serving_defaults.for_mode("irg").max_think_tokens == 4095
+
+
 def test_bad_serving_defaults_file_stops_the_app(settings: Settings, tmp_path: Path) -> None:
     from irg_core.defaults import DefaultsError
 
