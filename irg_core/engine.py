@@ -29,6 +29,7 @@ from irg_core.attention import AttnMeta, DecodeBuffers, SdpaBackend, Seq, make_b
 from irg_core.kv_cache import EMPTY, Context, KVPool, pages_needed
 from irg_core.loader import LoadedModel
 from irg_core.model.qwen2_mot import RopeTable, RowGroups, fuse_projections
+from irg_core.numerics import precision
 from irg_core.params import RoundGuidance
 from irg_core.sampling import cfg_active, cfg_combine, sample_tokens, timesteps
 from irg_core.steps import DecodeLatent, DecodeStep, Decoding, DenoiseLoop, DenoiseStep, EncodeVae
@@ -183,14 +184,15 @@ class Engine:
         with torch.inference_mode():
             x = VAE_TRANSFORM(image)[None].to(self.device, self.vae.encoder.conv_in.weight.dtype)
         _, _, hh, ww = x.shape
-        for stage in self.vae.encoder.stages():
+        mixed = precision("irg", self.dtype).encode_mixed  # every mode encodes under autocast (irg_core.numerics)
+        for stage in self.vae.encoder.stages(mixed):
             yield
             with torch.inference_mode():
                 x = stage(x)
         with torch.inference_mode():
             z = self.cfg.vae.z_channels
             eps = torch.randn((1, z, hh // 8, ww // 8), generator=torch.Generator("cpu").manual_seed(eps_seed))
-            latent = self.vae.sample(x, eps.to(self.device))
+            latent = self.vae.sample(x, eps.to(self.device), mixed)
             p, d = self.cfg.latent_patch_size, self.cfg.latent_downsample
             h, w = hh // d, ww // d
             tokens = patchify(latent[0, :, :h * p, :w * p], p)  # [h*w, 64]
@@ -288,31 +290,32 @@ class Engine:
         return _Packed(positions, torch.cat(lat_slots + mark_slots), RowGroups(tuple(groups)),
                        AttnMeta(lat_seqs + mark_seqs, False))
 
-    def decode_latent(self, latent: Tensor, width: int, height: int) -> tuple[Tensor, np.ndarray]:
-        """Packed latent [N, 64] -> (decoder output [1, 3, H, W], HWC uint8 image)."""
-        return exhaust(self.decode_latent_stages(latent, width, height))
+    def decode_latent(self, latent: Tensor, width: int, height: int, mode: str = "irg") -> tuple[Tensor, np.ndarray]:
+        """Packed latent [N, 64] -> (decoder output [1, 3, H, W], HWC uint8 image); `mode`: irg_core.numerics."""
+        return exhaust(self.decode_latent_stages(latent, width, height, mode))
 
-    def decode_latent_stages(self, latent: Tensor, width: int,
-                             height: int) -> Generator[None, None, tuple[Tensor, np.ndarray]]:
+    def decode_latent_stages(self, latent: Tensor, width: int, height: int,
+                             mode: str = "irg") -> Generator[None, None, tuple[Tensor, np.ndarray]]:
         """`decode_latent` one decoder stage per `next()`."""
         d, p = self.cfg.latent_downsample, self.cfg.latent_patch_size
+        mixed = precision(mode, self.vae.dtype).decode_mixed
         with torch.inference_mode():
             z = unpatchify(latent, height // d, width // d, p, self.cfg.vae.z_channels)
-            h = self.vae.decoder_input(z.to(self.vae.decoder.conv_in.weight.dtype))
-        for stage in self.vae.decoder.stages():
+            h = self.vae.decoder_input(z, mixed)
+        for stage in self.vae.decoder.stages(mixed):
             yield
             with torch.inference_mode():
                 h = stage(h)
         return h, to_uint8(h)
 
     def run_decode_latent(self, unit: DecodeLatent) -> tuple[Tensor, np.ndarray]:
-        return self.decode_latent(unit.latent, unit.width, unit.height)
+        return self.decode_latent(unit.latent, unit.width, unit.height, unit.mode)
 
     def stages_of(self, unit: EncodeVae | DecodeLatent) -> Generator[None, None, Any]:
         """A VAE unit as a generator of stages (the scheduler runs one per tick and can stop in between)."""
         if isinstance(unit, EncodeVae):
             return self.vae_rows_stages(unit.image, unit.eps_seed)
-        return self.decode_latent_stages(unit.latent, unit.width, unit.height)
+        return self.decode_latent_stages(unit.latent, unit.width, unit.height, unit.mode)
 
     # -- synchronous helpers (one unit or loop at a time, outside a scheduler) --------------------------
     def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
@@ -352,12 +355,14 @@ class Engine:
     def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
                        noise: Tensor, on_step: Callable[[int, int], None] | None = None,
                        should_cancel: Callable[[], bool] | None = None,
-                       observe: Callable[[str, int, Tensor], None] | None = None) -> Tensor:
-        """Denoise `noise` [N, 64] into a packed latent [N, 64] (the image program, run alone)."""
+                       observe: Callable[[str, int, Tensor], None] | None = None, mode: str = "irg") -> Tensor:
+        """Denoise `noise` [N, 64] into a packed latent [N, 64] (the image program, run alone); `mode` picks
+        the state's dtype (irg_core.numerics)."""
         from irg_core.errors import Cancelled
         from irg_core.programs import denoise_program
 
-        program = denoise_program(self, branches, width, height, steps, guidance, noise, probes=observe is not None)
+        program = denoise_program(self, branches, width, height, steps, guidance, noise, probes=observe is not None,
+                                  mode=mode)
         result = None
         try:
             while True:

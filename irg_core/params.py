@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from irg_core.defaults import recipe_defaults
+
 Mode = Literal["irg", "think", "direct"]
 Renorm = Literal["global", "channel", "text_channel"]
 MODES: tuple[str, ...] = ("irg", "think", "direct")
@@ -101,17 +103,22 @@ class GenerationParams:
     height: int = 1024
     steps: int = 50
     seed: int = 0
-    max_think_tokens: int = 1024
-    temperature: float = 0.0
+    max_think_tokens: int | None = None  # None: the mode's recipe default (irg_core.defaults)
+    temperature: float | None = None  # None: the mode's recipe default (irg 0.3, think/direct greedy)
     guidance: tuple[RoundGuidance, ...] = ()
     system_prompt: str | None = None  # None: the mode's own prompt (irg_core/data)
 
     def resolved(self) -> GenerationParams:
-        """Fill guidance per image round with defaults; validate."""
+        """Fill guidance per image round and the thought knobs left None with the mode's defaults; validate."""
         n = image_rounds(self.mode, self.rounds) if self.mode in MODES else 0
         given = list(self.guidance)
         full = tuple(given[i] if i < len(given) else default_guidance(i + 1) for i in range(n))
         out = replace(self, guidance=full)
+        if self.mode in MODES and (self.max_think_tokens is None or self.temperature is None):
+            recipe = recipe_defaults(self.mode)
+            out = replace(out, max_think_tokens=recipe.max_think_tokens if self.max_think_tokens is None
+                          else self.max_think_tokens,
+                          temperature=recipe.temperature if self.temperature is None else self.temperature)
         out.validate()
         return out
 
@@ -132,9 +139,9 @@ class GenerationParams:
             raise ParamError("steps", f"must be within [2, {MAX_STEPS}]")
         if not 0 <= self.seed < 2**63:
             raise ParamError("seed", "must be within [0, 2^63)")
-        if not 1 <= self.max_think_tokens <= MAX_THINK_TOKENS:
+        if self.max_think_tokens is None or not 1 <= self.max_think_tokens <= MAX_THINK_TOKENS:
             raise ParamError("max_think_tokens", f"must be within [1, {MAX_THINK_TOKENS}]")
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 10.0):
+        if self.temperature is None or not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 10.0):
             raise ParamError("temperature", "must be within [0, 10]")
         for i, g in enumerate(self.guidance):
             g.validate(f"guidance[{i}]")
@@ -167,6 +174,7 @@ class RoundResult:
     token_ids: list[int]
     guidance: RoundGuidance
     image: Any  # HWC uint8 numpy array
+    truncated: bool = False  # the thought hit max_think_tokens without <|im_end|>
 
 
 @dataclass(slots=True)

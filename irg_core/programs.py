@@ -32,6 +32,7 @@ from torch import Tensor
 
 from irg_core.engine import Branches, Engine, guidance_branches
 from irg_core.kv_cache import EMPTY, Context
+from irg_core.numerics import precision
 from irg_core.params import (
     EngineEvent,
     GenerationParams,
@@ -98,15 +99,16 @@ def decode_text(e: Engine, ctx: Context, max_tokens: int, temperature: float, se
 
 
 def denoise_program(e: Engine, branches: Branches, width: int, height: int, steps: int, g: RoundGuidance,
-                    noise: Tensor, probes: bool = False, round_index: int = 1) -> Gen:
+                    noise: Tensor, probes: bool = False, round_index: int = 1, mode: str = "irg") -> Gen:
     """Denoise `noise` [N, 64] into a packed latent [N, 64]: one `DenoiseStep` per evaluated timestep, all
-    guidance branches of a step in it; CFG and the Euler update here (BAGEL `generate_image`)."""
+    guidance branches of a step in it; CFG and the Euler update here (BAGEL `generate_image`). `mode` picks
+    the state's dtype, as each official script keeps it (irg_core.numerics)."""
     d = e.cfg.latent_downsample
     ts = timesteps(steps, g.timestep_shift, e.device)
     on = cfg_active(ts.cpu(), g.interval)
     dts = ts[:-1] - ts[1:]
     loop = DenoiseLoop(guidance_branches(branches, g), height // d, width // d)
-    x = noise.to(e.device, e.dtype)
+    x = noise.to(e.device, precision(mode, e.dtype).state_dtype)
     for i in range(steps - 1):
         k = len(loop.contexts) if on[i] else 1
         vs, _ = yield DenoiseStep(loop, x, ts[i], k)
@@ -153,7 +155,8 @@ class _Run:
         return out
 
     def think(self, ctx: Context, k: int) -> Gen:
-        """A thought from `ctx`: `thinking.*` (round 1) or `reflection.*` (later) events; returns (ids, text)."""
+        """A thought from `ctx`: `thinking.*` (round 1) or `reflection.*` (later) events; returns (ids, text,
+        truncated)."""
         kind = "thinking" if k == 1 else "reflection"
         seed = self.p.seed + 2 * self.n_images + k - 1
         start = yield Stamp()
@@ -161,16 +164,19 @@ class _Run:
                                            self.fixed)
         end = yield Stamp()
         self.marks.append((kind, k, start, end, {"tokens": len(ids)}))
-        yield Emit(EngineEvent(f"{kind}.done", {"round": k, "text": text, "tokens": len(ids)}))
-        return ids, text
+        # decoding stops before <|im_end|>: a thought as long as the limit never ended (cut, then fed back as is)
+        truncated = len(ids) >= self.p.max_think_tokens and not self.fixed
+        yield Emit(EngineEvent(f"{kind}.done", {"round": k, "text": text, "tokens": len(ids), "truncated": truncated}))
+        return ids, text, truncated
 
     def image(self, k: int, branches: Branches) -> Gen:
         p, e = self.p, self.e
         n = (p.width // e.cfg.latent_downsample) * (p.height // e.cfg.latent_downsample)
         noise = initial_noise(p.seed + k - 1, n, e.cfg.patch_latent_dim)
-        draw = denoise_program(e, branches, p.width, p.height, p.steps, p.guidance[k - 1], noise, round_index=k)
+        draw = denoise_program(e, branches, p.width, p.height, p.steps, p.guidance[k - 1], noise, round_index=k,
+                               mode=p.mode)
         latent = yield from self.timed("image", k, draw, steps=p.steps - 1)
-        _, pixels = yield from self.timed("decode", k, _unit(DecodeLatent(latent, p.width, p.height)))
+        _, pixels = yield from self.timed("decode", k, _unit(DecodeLatent(latent, p.width, p.height, p.mode)))
         if self.keep_tensors:
             self.result.tensors[f"round{k}.init_noise"] = noise
             self.result.tensors[f"round{k}.final_latent"] = latent.float().cpu()
@@ -182,8 +188,9 @@ class _Run:
         """Put image k back into the context: its VAE block (posterior noise from seed + R + k - 1), then ViT."""
         return (yield from self.timed("reencode", k, prefill_image(ctx, image, self.p.seed + self.n_images + k - 1)))
 
-    def record(self, k: int, text: str | None, ids: list[int], image: Image.Image) -> None:
-        self.result.rounds.append(RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image)))
+    def record(self, k: int, text: str | None, ids: list[int], image: Image.Image, truncated: bool = False) -> None:
+        self.result.rounds.append(RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image),
+                                              truncated))
 
     def finish(self) -> TrajectoryResult:
         self.result.stages = [StageTiming(stage, k, elapsed(a, b), **counts) for stage, k, a, b, counts in self.marks]
@@ -212,10 +219,10 @@ def trajectory_program(e: Engine, params: GenerationParams, keep_tensors: bool =
         image = yield from run.image(1, Branches(main, with_system, main))
         run.record(1, None, [], image)
     elif params.mode == "think":
-        ids, text = yield from run.think(main, 1)
+        ids, text, truncated = yield from run.think(main, 1)
         cond = yield PrefillText(main, tok.frame(text))
         image = yield from run.image(1, Branches(cond, with_system, main))
-        run.record(1, text, ids, image)
+        run.record(1, text, ids, image, truncated)
     else:
         yield from _irg(run, main, with_system)
     end = yield Stamp()
@@ -228,12 +235,12 @@ def _irg(run: _Run, main: Context, no_text: Context) -> Gen:
     tok = run.e.tok
     texts = main  # the image-free context: [S, P, T_1, ...]
     for k in range(1, run.n_images + 1):
-        ids, text = yield from run.think(main, k)
+        ids, text, truncated = yield from run.think(main, k)
         fed = tok.frame(text)
         main = yield PrefillText(main, fed)
         texts = main if k == 1 else (yield PrefillText(texts, fed))
         image = yield from run.image(k, Branches(main, no_text, texts if k > 1 else None))
-        run.record(k, text, ids, image)
+        run.record(k, text, ids, image, truncated)
         if k < run.n_images:
             main = no_text = yield from run.reencode(k, main, image)
 

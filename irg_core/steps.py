@@ -112,6 +112,7 @@ class DecodeLatent:
     latent: Tensor
     width: int
     height: int
+    mode: str = "irg"  # which official script's rounding the decoder follows (irg_core.numerics)
 
 
 @dataclass(eq=False, slots=True)

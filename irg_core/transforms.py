@@ -62,8 +62,10 @@ def to_unit_range(pixels: np.ndarray) -> Tensor:
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
-    """[1, 3, H, W] decoder output -> HWC uint8; the cast truncates, as the official code does."""
-    x = ((image.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
+    """[1, 3, H, W] decoder output -> HWC uint8, computed in the output's own dtype (bf16 on the GPU path:
+    `*0.5+0.5`, clamp and `*255` round to bf16 before the cast, as both official scripts do); the cast
+    truncates."""
+    x = ((image * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
     return x.cpu().numpy()
 
 

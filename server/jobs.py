@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from irg_core.defaults import RECIPE, ServingDefaults
 from irg_core.params import GenerationParams, ParamError, RoundGuidance, image_rounds, round_guidance
 from server.schemas import DEFAULTS, GenerationOptions, JobLinks, JobPublic, TextOut
 from server.settings import Settings
@@ -112,14 +113,17 @@ def _check_limits(opts: GenerationOptions, prompt: str, settings: Settings, **va
 
 
 def build_params(opts: GenerationOptions, prompt: str, width: int | None, height: int | None,
-                 settings: Settings) -> dict[str, Any]:
+                 settings: Settings, defaults: ServingDefaults = RECIPE) -> dict[str, Any]:
     """The resolved parameters (ResolvedParams JSON) of a request; raises RequestError (422).
 
-    A field left out takes its default (irg_core.params), capped by the deployment's limit."""
-    width = width or min(DEFAULTS["width"], settings.max_side)
-    height = height or min(DEFAULTS["height"], settings.max_side)
-    steps = opts.steps or min(DEFAULTS["steps"], settings.max_steps)
-    max_tokens = opts.thinking.max_tokens or min(DEFAULTS["max_think_tokens"], settings.max_think_tokens)
+    A field left out takes the mode's default in `defaults` (the model's serving defaults, see
+    irg_core.defaults; guidance from irg_core.params), capped by the deployment's limit."""
+    mode = defaults.for_mode(opts.mode)
+    width = width or min(mode.width, settings.max_side)
+    height = height or min(mode.height, settings.max_side)
+    steps = opts.steps or min(mode.steps, settings.max_steps)
+    max_tokens = opts.thinking.max_tokens or min(mode.max_think_tokens, settings.max_think_tokens)
+    temperature = mode.temperature if opts.thinking.temperature is None else opts.thinking.temperature
     _check_limits(opts, prompt, settings, width=width, height=height, steps=steps, max_tokens=max_tokens)
     rounds = (opts.rounds or DEFAULTS["rounds"]) if opts.mode == "irg" else 1
     given = opts.guidance or []
@@ -133,7 +137,7 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
     seed = opts.seed if opts.seed is not None else secrets.randbits(31)  # < 2^53: exact in JavaScript too
     params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
               "steps": steps, "seed": seed,
-              "thinking": {"max_tokens": max_tokens, "temperature": opts.thinking.temperature},
+              "thinking": {"max_tokens": max_tokens, "temperature": temperature},
               "guidance": guidance}
     try:
         generation_params(params).validate(max_side=settings.max_side)

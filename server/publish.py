@@ -54,7 +54,7 @@ class Publisher:
             self.texts.append({"round": k, "kind": kind, "text": "", "done": False})
         entry = self.texts[-1]
         if event.type.endswith(".done"):
-            entry.update(text=event.data["text"], done=True)
+            entry.update(text=event.data["text"], done=True, truncated=bool(event.data.get("truncated")))
         else:
             entry["text"] += event.data["text"]
         return {"texts": _dumps(self.texts)}

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from irg_core.defaults import RECIPE
 from irg_core.params import (
     FIRST_ROUND,
     LATER_ROUND,
@@ -74,8 +75,12 @@ class ThinkingOptions(Request):
     """How the thoughts (the plan, and each reflection) are decoded."""
 
     max_tokens: int | None = Field(None, ge=1, le=MAX_THINK_TOKENS, description=(
-        f"tokens decoded per thought at most (default {DEFAULTS['max_think_tokens']}, or the server's limit)"))
-    temperature: float = Field(DEFAULTS["temperature"], ge=0.0, le=10.0, description="0 = greedy decoding")
+        f"tokens decoded per thought at most (default: the model's for the mode; the recipe's are "
+        f"{RECIPE.for_mode('irg').max_think_tokens} for irg, {RECIPE.for_mode('think').max_think_tokens} for "
+        "think; GET /v1/defaults; capped by the server's limit)"))
+    temperature: float | None = Field(None, ge=0.0, le=10.0, description=(
+        f"0 = greedy decoding (default: the model's for the mode; the recipe's are "
+        f"{RECIPE.for_mode('irg').temperature} for irg, greedy for think; GET /v1/defaults)"))
 
 
 class GuidanceOptions(Request):
@@ -113,8 +118,8 @@ class GenerationOptions(Request):
     rounds: int | None = Field(None, ge=1, le=MAX_ROUNDS,
                                description=f"image rounds (default {DEFAULTS['rounds']} for irg; 1 otherwise)")
     steps: int | None = Field(None, ge=2, le=MAX_STEPS, description=(
-        f"denoising timesteps per image (default {DEFAULTS['steps']}, or the server's limit; BAGEL counts "
-        "50 -> 49 model evaluations)"))
+        f"denoising timesteps per image (default: the model's, recipe {RECIPE.for_mode('irg').steps}; capped "
+        "by the server's limit; BAGEL counts 50 -> 49 model evaluations)"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed; drawn when left out, always reported")
     thinking: ThinkingOptions = Field(default_factory=ThinkingOptions, description="thought decoding")
     guidance: list[GuidanceOptions] | None = Field(None, max_length=MAX_ROUNDS,
@@ -125,10 +130,11 @@ class GenerateRequest(GenerationOptions):
     """`POST /v1/generations`."""
 
     prompt: Prompt
-    width: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16,
-                              description=f"pixels (default {DEFAULTS['width']}, or the server's largest side)")
-    height: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16,
-                               description=f"pixels (default {DEFAULTS['height']}, or the server's largest side)")
+    width: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16, description=(
+        f"pixels (default: the model's, recipe {RECIPE.for_mode('irg').width}; capped by the server's largest side)"))
+    height: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16, description=(
+        f"pixels (default: the model's, recipe {RECIPE.for_mode('irg').height}; capped by the server's largest "
+        "side)"))
     stream: bool = Field(False, description="answer with the job's SSE stream instead of 202 + job")
     wait: bool = Field(False, description="block until the job ends (bounded by the server) and return it")
     image_b64: bool = Field(False, description="image.done events also carry the PNG, base64-encoded, in `b64`")
@@ -161,6 +167,21 @@ class ResolvedThinking(BaseModel):
     temperature: float
 
 
+class ModeDefaultsOut(BaseModel):
+    width: int
+    height: int
+    steps: int
+    max_think_tokens: int
+    temperature: float
+
+
+class DefaultsOut(BaseModel):
+    """What a request leaves out resolves to, per mode, on this server's model."""
+
+    source: str = Field(description="recipe, or the serving-defaults file of the model directory")
+    modes: dict[str, ModeDefaultsOut]
+
+
 class ResolvedParams(BaseModel):
     """The parameters the job runs with, every default filled in; with the seed, the result is reproducible."""
 
@@ -180,6 +201,7 @@ class TextOut(BaseModel):
     kind: Literal["thinking", "reflection"] = Field(description="thinking: the plan (round 1); reflection: later")
     text: str = Field(description="the text so far")
     done: bool
+    truncated: bool = Field(False, description="the thought reached max_tokens without ending (cut)")
 
 
 class ImageOut(BaseModel):

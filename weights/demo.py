@@ -28,6 +28,9 @@ DEMO_CONFIG = {
     "vae": {"resolution": 256, "in_channels": 3, "downsample": 8, "ch": 32, "out_ch": 3, "ch_mult": [1, 2, 2, 2],
             "num_res_blocks": 1, "z_channels": 16, "scale_factor": 0.3611, "shift_factor": 0.1159},
 }
+# The demo's serving defaults (written as serving_defaults.json): a prompt-only request answers in seconds on
+# a CPU; the thought knobs not named here (temperature) stay the recipe's of each mode (irg_core.defaults).
+DEMO_SERVING_DEFAULTS = {"width": 256, "height": 256, "steps": 20, "max_think_tokens": 256}
 QWEN25_TOKENS = 151665  # Qwen2.5's vocabulary incl. added tokens (the Qwen3 files add <think> etc. after it)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 
@@ -88,6 +91,7 @@ def init_demo(dest: str | Path, seed: int = 0, config: dict | None = None, overw
     try:
         write_tokenizer(tmp)
         write_checkpoint(tmp, config or DEMO_CONFIG, seed)
+        write_serving_defaults(tmp)
         if dest.exists() and overwrite:
             shutil.rmtree(dest)
         try:
@@ -98,6 +102,15 @@ def init_demo(dest: str | Path, seed: int = 0, config: dict | None = None, overw
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def write_serving_defaults(dest: Path) -> None:
+    """The demo's `serving_defaults.json` (written atomically: readers never see half a file)."""
+    from irg_core.defaults import SERVING_DEFAULTS_FILE
+
+    tmp = dest / f".{SERVING_DEFAULTS_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(DEMO_SERVING_DEFAULTS, indent=2) + "\n", "utf-8")
+    os.replace(tmp, dest / SERVING_DEFAULTS_FILE)
 
 
 def _complete(path: Path) -> bool:
@@ -112,4 +125,6 @@ def ensure_demo(dest: str | Path | None = None) -> Path:
         log.info("creating the demo checkpoint in %s (first use only: a tiny BAGEL with random weights)", dest)
         init_demo(dest, overwrite=False)
         log.info("demo checkpoint ready in %s (%.1f s)", dest, time.monotonic() - start)
+    elif not (dest / "serving_defaults.json").is_file():  # a demo written before the file existed
+        write_serving_defaults(dest)
     return dest

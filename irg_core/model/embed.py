@@ -38,6 +38,13 @@ class PositionEmbedding(nn.Module):
         return self.pos_embed[position_ids]
 
 
+def timestep_freqs(freq_dim: int) -> Tensor:
+    """exp(-ln(10000) * i / half), i < half: computed on the CPU in float32, as the official code does before
+    moving it to the device (a device `exp` may round an ulp differently)."""
+    half = freq_dim // 2
+    return torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+
+
 class TimestepEmbedder(nn.Module):
     """DiT timestep embedding: t in [0, 1] as is, [cos, sin] features (cos first), then a 2-layer MLP."""
 
@@ -47,9 +54,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def features(self, t: Tensor) -> Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs[None]  # [N, half]
+        args = t.float()[:, None] * timestep_freqs(self.freq_dim).to(t.device)[None]  # [N, half]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ inference; the caller supplies eps so that the noise comes from the request's se
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,19 @@ from irg_core.config import VAEConfig
 
 def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
+
+
+def _norm_out(norm: nn.GroupNorm, x: Tensor, mixed: bool) -> Tensor:
+    """GroupNorm; `mixed`: as under CUDA autocast, in float32 with a float32 result (group_norm is on
+    autocast's float32 list), whatever the weights' dtype; the next convolution rounds back (`_conv`)."""
+    if not mixed:
+        return norm(x)
+    return F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
+
+
+def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A convolution in the weights' dtype (under autocast: its input cast to bf16)."""
+    return conv(x.to(conv.weight.dtype))
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -30,10 +44,10 @@ class ResnetBlock(nn.Module):
         self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        h = _conv(self.conv1, swish(_norm_out(self.norm1, x, mixed)))
+        h = _conv(self.conv2, swish(_norm_out(self.norm2, h, mixed)))
+        return (x if self.nin_shortcut is None else _conv(self.nin_shortcut, x)) + h
 
 
 class AttnBlock(nn.Module):
@@ -44,10 +58,10 @@ class AttnBlock(nn.Module):
         self.norm = _norm(ch)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.norm(x)
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        h = _norm_out(self.norm, x, mixed)
         b, c, hh, ww = x.shape
-        q, k, v = (p(h).reshape(b, 1, c, hh * ww).transpose(2, 3) for p in (self.q, self.k, self.v))
+        q, k, v = (_conv(p, h).reshape(b, 1, c, hh * ww).transpose(2, 3) for p in (self.q, self.k, self.v))
         o = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         return x + self.proj_out(o.transpose(2, 3).reshape(b, c, hh, ww))
 
@@ -75,8 +89,8 @@ class _Mid(nn.Module):
         super().__init__()
         self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch), AttnBlock(ch), ResnetBlock(ch, ch)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, mixed), mixed), mixed)
 
 
 class _Level(nn.Module):
@@ -104,17 +118,18 @@ class Encoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
-    def stages(self) -> list[Callable[[Tensor], Tensor]]:
+    def stages(self, mixed: bool = False) -> list[Callable[[Tensor], Tensor]]:
         """The encoder as a sequence of functions (a caller may stop between two of them)."""
-        out: list[Callable[[Tensor], Tensor]] = [self.conv_in]
+        out: list[Callable[[Tensor], Tensor]] = [partial(_conv, self.conv_in)]
         for level in self.down:
-            out.extend(level.block)
+            out.extend(partial(block, mixed=mixed) for block in level.block)
             if hasattr(level, "downsample"):
                 out.append(level.downsample)
-        return out + [self.mid, lambda h: self.conv_out(swish(self.norm_out(h)))]
+        return out + [partial(self.mid, mixed=mixed),
+                      lambda h: _conv(self.conv_out, swish(_norm_out(self.norm_out, h, mixed)))]
 
-    def forward(self, x: Tensor) -> Tensor:
-        for stage in self.stages():
+    def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
+        for stage in self.stages(mixed):
             x = stage(x)
         return x
 
@@ -137,17 +152,17 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
 
-    def stages(self) -> list[Callable[[Tensor], Tensor]]:
+    def stages(self, mixed: bool = False) -> list[Callable[[Tensor], Tensor]]:
         """The decoder as a sequence of functions (a caller may stop between two of them)."""
-        out: list[Callable[[Tensor], Tensor]] = [self.conv_in, self.mid]
+        out: list[Callable[[Tensor], Tensor]] = [partial(_conv, self.conv_in), partial(self.mid, mixed=mixed)]
         for level in reversed(self.up):
-            out.extend(level.block)
+            out.extend(partial(block, mixed=mixed) for block in level.block)
             if hasattr(level, "upsample"):
                 out.append(level.upsample)
-        return out + [lambda h: self.conv_out(swish(self.norm_out(h)))]
+        return out + [lambda h: _conv(self.conv_out, swish(_norm_out(self.norm_out, h, mixed)))]
 
-    def forward(self, z: Tensor) -> Tensor:
-        for stage in self.stages():
+    def forward(self, z: Tensor, mixed: bool = False) -> Tensor:
+        for stage in self.stages(mixed):
             z = stage(z)
         return z
 
@@ -159,21 +174,37 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def moments(self, x: Tensor) -> Tensor:
-        """x [B, 3, H, W] in [-1, 1] -> cat(mean, logvar) [B, 2z, H/8, W/8]."""
-        return self.encoder(x)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
 
-    def encode(self, x: Tensor, eps: Tensor) -> Tensor:
-        """Posterior sample mean + exp(logvar/2) * eps, then scaled and shifted into BAGEL's latent space."""
-        return self.sample(self.moments(x), eps)
+    def moments(self, x: Tensor, mixed: bool = False) -> Tensor:
+        """x [B, 3, H, W] in [-1, 1] -> cat(mean, logvar) [B, 2z, H/8, W/8] (in the weights' dtype)."""
+        return self.encoder(x, mixed)
 
-    def sample(self, moments: Tensor, eps: Tensor) -> Tensor:
+    def encode(self, x: Tensor, eps: Tensor, mixed: bool = True) -> Tensor:
+        """Posterior sample mean + exp(logvar/2) * eps, then scaled and shifted into BAGEL's latent space.
+
+        `mixed` (the official code encodes under autocast): GroupNorms in float32, and `exp` too, so with
+        bf16 weights the sample is float32 (bf16 mean + float32 std * eps rounded to bf16, as `randn_like(mean)`
+        draws it)."""
+        return self.sample(self.moments(x, mixed), eps, mixed)
+
+    def sample(self, moments: Tensor, eps: Tensor, mixed: bool = True) -> Tensor:
+        """The posterior sample of encoder moments, scaled and shifted (see `encode`)."""
         mean, logvar = moments.chunk(2, dim=1)
-        z = mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
+        std = (0.5 * logvar).float().exp() if mixed else (0.5 * logvar).exp()
+        z = mean + std * eps.to(mean.dtype)
         return self.cfg.scale_factor * (z - self.cfg.shift_factor)
 
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(self.decoder_input(z))
+    def decode(self, z: Tensor, mixed: bool = False) -> Tensor:
+        """Latent [B, z, h, w] -> image [B, 3, H, W]. Plain: z is cast to the weights' dtype first and every op
+        runs in it. `mixed` (as under autocast): `z / scale + shift` in z's dtype, GroupNorm and swish in float32,
+        convolutions in the weights' dtype; the output is in the weights' dtype either way."""
+        return self.decoder(self.decoder_input(z, mixed), mixed)
 
-    def decoder_input(self, z: Tensor) -> Tensor:
+    def decoder_input(self, z: Tensor, mixed: bool = False) -> Tensor:
+        """What the decoder's first convolution takes: z unscaled and unshifted (see `decode`)."""
+        if not mixed:
+            z = z.to(self.dtype)
         return z / self.cfg.scale_factor + self.cfg.shift_factor

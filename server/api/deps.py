@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from irg_core.defaults import ServingDefaults
 from server.api import body
 from server.api.errors import ApiError
 from server.jobs import JobRecord
@@ -33,7 +34,13 @@ async def get_queue(request: Request) -> JobQueue:
     return queue
 
 
+async def get_serving_defaults(request: Request) -> ServingDefaults:
+    defaults: ServingDefaults = request.app.state.serving_defaults
+    return defaults
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+DefaultsDep = Annotated[ServingDefaults, Depends(get_serving_defaults)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 
 

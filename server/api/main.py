@@ -12,12 +12,15 @@ from typing import Any, Protocol
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from irg_core.defaults import ServingDefaults
 from server import metrics
 from server.api import errors
 from server.api.http_metrics import HttpMetrics
 from server.api.limits import BodyLimit
+from server.api.routes import defaults as defaults_route
 from server.api.routes import docs, generations, health, openai_images, web
 from server.api.streams import remember_transport
+from server.defaults import serving_defaults
 from server.queue.base import JobQueue
 from server.settings import Settings, get_settings
 
@@ -63,9 +66,12 @@ class App(FastAPI):
 
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
-               services: Sequence[Service] = ()) -> FastAPI:
+               services: Sequence[Service] = (), defaults: ServingDefaults | None = None) -> FastAPI:
+    """`defaults`: the serving defaults of the model the workers run (default: read from settings.model_dir;
+    without one, the demo's in-process and the recipe's in front of Redis, see server.defaults)."""
     settings = settings or get_settings()
     queue = queue or make_queue(settings)
+    defaults = defaults or serving_defaults(settings.model_dir, demo_when_unset=not settings.redis_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,9 +93,11 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
     app.state.settings = settings
     app.state.queue = queue
     app.state.metrics = metrics.Exposition("api", *(("worker",) if services else ()))
+    app.state.serving_defaults = defaults
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    routers = (generations, openai_images, health, docs, web)  # web last: `/{name}` must not shadow the API
+    # web last: `/{name}` must not shadow the API
+    routers = (generations, defaults_route, openai_images, health, docs, web)
     # outermost: it counts the body limit's 413s too, under the route they were sent to
     app.add_middleware(HttpMetrics, routes=[route for module in routers for route in module.router.routes])
     for module in routers:

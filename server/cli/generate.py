@@ -10,9 +10,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from irg_core.defaults import DefaultsError, ModeDefaults
 from irg_core.params import GenerationParams, RoundGuidance, round_guidance
 from server.cli.common import add_model_options, open_engine, show_weights_log
 from server.cli.errors import CommandError
+from server.defaults import serving_defaults
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,12 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("irg", "think", "direct"), default="irg")
     p.add_argument("--rounds", type=int, default=2, help="image rounds of mode irg (>= 2)")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=50, help="timesteps as BAGEL counts them: 50 -> 49 evaluations")
+    model = "default: the model's serving default for the mode (see docs/server.md)"
+    p.add_argument("--width", type=int, default=None, help=f"pixels ({model}; recipe 1024)")
+    p.add_argument("--height", type=int, default=None, help=f"pixels ({model}; recipe 1024)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"timesteps as BAGEL counts them: 50 -> 49 evaluations ({model}; recipe 50)")
     p.add_argument("--seed", type=int, default=None, help="default: random (always reported)")
-    p.add_argument("--temperature", type=float, default=0.0, help="thought sampling temperature (0 = greedy)")
-    p.add_argument("--max-think-tokens", type=int, default=1024, help="tokens generated per thought at most")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"thought sampling temperature, 0 = greedy ({model}; recipe: 0.3 for irg, 0 otherwise)")
+    p.add_argument("--max-think-tokens", type=int, default=None,
+                   help=f"tokens generated per thought at most ({model}; recipe: 4095 for irg, 999 otherwise)")
     p.add_argument("--guidance", type=Path, metavar="FILE.json",
                    help='per-round guidance: {"rounds": [{"text_scale": 4, "interval": [0.4, 1], ...}, ...]}')
     p.add_argument("--system-prompt-file", type=Path, help="system prompt (default: the mode's own)")
@@ -66,14 +72,30 @@ def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
     return tuple(out)
 
 
+def model_defaults(args: argparse.Namespace) -> ModeDefaults:
+    """The serving defaults of the model the options name, for the chosen mode."""
+    try:
+        defaults = serving_defaults(args.model_dir, dummy=getattr(args, "dummy_weights", None) is not None)
+    except DefaultsError as e:
+        raise CommandError(str(e)) from e
+    return defaults.for_mode(args.mode)
+
+
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
     system = None
     if args.system_prompt_file is not None:
         system = args.system_prompt_file.read_text("utf-8")
     seed = args.seed if args.seed is not None else secrets.randbits(31)
+    d = model_defaults(args)
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     return GenerationParams(
-        prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=args.width, height=args.height,
-        steps=args.steps, seed=seed, max_think_tokens=args.max_think_tokens, temperature=args.temperature,
+        prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=pick(args.width, d.width),
+        height=pick(args.height, d.height), steps=pick(args.steps, d.steps), seed=seed,
+        max_think_tokens=pick(args.max_think_tokens, d.max_think_tokens),
+        temperature=pick(args.temperature, d.temperature),
         guidance=read_guidance(args.guidance), system_prompt=system).resolved()
 
 
@@ -147,7 +169,7 @@ def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
         "prompt": p.prompt, "mode": p.mode, "seed": p.seed, "width": p.width, "height": p.height,
         "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
         "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
-                    "guidance": r.guidance.to_dict(),
+                    "guidance": r.guidance.to_dict(), "truncated": r.truncated,
                     "image": f"round-{r.index}.png"} for r in result.rounds],
         "timings": [asdict(s) for s in result.stages],
         "total_seconds": result.total_seconds,

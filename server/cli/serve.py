@@ -90,7 +90,9 @@ def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from irg_core.defaults import DefaultsError
     from server.api.main import create_app
+    from server.defaults import serving_defaults
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     settings = settings_from(args)
@@ -101,7 +103,13 @@ def run(args: argparse.Namespace) -> int:
     queue, worker = None, None
     if not settings.redis_url:
         queue, worker = embedded_worker(args, settings, lambda: setattr(servers[0], "should_exit", True))
-    app = create_app(settings, queue, [worker] if worker else [])
+    try:  # the defaults of the model the workers run (docs/server.md); a bad file stops the start
+        defaults = serving_defaults(args.model_dir or settings.model_dir, dummy=args.dummy_weights is not None,
+                                    demo_when_unset=not settings.redis_url)
+    except DefaultsError as e:
+        raise CommandError(str(e)) from e
+    log.info("request defaults from %s", defaults.source)
+    app = create_app(settings, queue, [worker] if worker else [], defaults)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             access_log=not args.no_access_log, timeout_graceful_shutdown=10)
     servers.append(uvicorn.Server(config))

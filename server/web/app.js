@@ -180,7 +180,7 @@ function onEvent(run, type, data, id) {
     case "thinking.done":
     case "reflection.done":
       state.texts[textKey] = data.text;
-      if (!view.finishText(k, data.text)) state.mismatches += 1;
+      if (!view.finishText(k, data.text, data.truncated === true)) state.mismatches += 1;
       break;
     case "image.progress":
       view.progress(k, data.step, data.steps);
@@ -341,11 +341,40 @@ const MODE_HINTS = {
   direct: "Draws one image straight from the prompt, with no text.",
 };
 
+// The server's defaults per mode (GET v1/defaults: the model's serving defaults, as a request that leaves a
+// field out gets them). A field the user has not typed in shows the chosen mode's default.
+const DEFAULT_FIELDS = { width: "width", height: "height", steps: "steps", max_tokens: "max_think_tokens",
+  temperature: "temperature" };
+let modeDefaults = null;
+
+function applyDefaults() {
+  const d = modeDefaults?.[form.elements.mode.value];
+  if (!d) return;
+  for (const [name, key] of Object.entries(DEFAULT_FIELDS)) {
+    const el = form.elements[name];
+    if (!el.dataset.edited) el.value = String(d[key]);
+  }
+}
+
+async function loadDefaults() {
+  try {
+    modeDefaults = (await getJSON("v1/defaults")).modes;
+    applyDefaults();
+  } catch {
+    // unreachable or needs a key: the form keeps the values it has
+  }
+}
+
 function syncMode() {
   const mode = form.elements.mode.value;
   form.elements.rounds.disabled = mode !== "irg";
   form.elements.max_tokens.disabled = form.elements.temperature.disabled = mode === "direct";
   $("mode-hint").textContent = MODE_HINTS[mode];
+  applyDefaults();
+}
+
+for (const name of Object.keys(DEFAULT_FIELDS)) {
+  form.elements[name].addEventListener("input", () => { form.elements[name].dataset.edited = "1"; });
 }
 
 form.addEventListener("submit", submit);
@@ -360,6 +389,7 @@ if (savedKey) {
   $("key-field").hidden = false;
 }
 syncMode();
+loadDefaults();
 probeKeys();
 checkHealth();
 setInterval(checkHealth, 15000);

@@ -18,7 +18,7 @@ export function readForm(form, validate = true) {
     if (optional && text === "") return undefined;
     const value = Number(text);
     const ok = text !== "" && Number.isFinite(value) && (!integer || Number.isInteger(value));
-    if (validate && !(ok && value >= lo && value <= hi && value % multiple === 0)) {
+    if (validate && !(ok && value >= lo && value <= hi && (multiple === 1 || value % multiple === 0))) {
       const kind = multiple > 1 ? `a multiple of ${multiple}` : integer ? "a whole number" : "a number";
       problems.push([name, `${LABELS[name]} must be ${kind} from ${lo} to ${hi}.`]);
     }

@@ -126,12 +126,14 @@ export class TrajectoryView {
   }
 
   /** The whole thought of round k; true when the streamed pieces already said exactly this. */
-  finishText(k, whole) {
+  finishText(k, whole, truncated = false) {
     const { text, state } = this.card(k);
     const same = text.textContent === whole;
     if (!same) text.textContent = whole;
     text.setAttribute("aria-busy", "false");
     text.classList.toggle("empty", !whole);
+    // a thought that reached the token limit without ending is fed back as cut: say so (app.css)
+    text.toggleAttribute("data-truncated", truncated);
     state.textContent = "";
     return same;
   }

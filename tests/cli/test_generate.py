@@ -54,6 +54,9 @@ def test_generate_writes_images_record_and_tensors(irg_on_path, demo_dir: Path, 
     assert record["rounds"][1]["guidance"] == {"text_scale": 2.0, "image_scale": 1.5, "interval": [0.0, 1.0],
                                                "renorm": "channel", "renorm_min": 0.0, "timestep_shift": 3.0}
     assert all(len(r["token_ids"]) <= 5 for r in record["rounds"])
+    # a thought is cut exactly when it used the whole limit (the random demo model never ends one in 5 tokens)
+    assert [r["truncated"] for r in record["rounds"]] == [len(r["token_ids"]) == 5 for r in record["rounds"]]
+    assert record["temperature"] == 0.3  # irg's default: sampled thoughts
     assert {t["stage"] for t in record["timings"]} >= {"prefill", "thinking", "image", "reencode", "reflection"}
     for k in (1, 2):
         assert np.asarray(Image.open(out / f"round-{k}.png")).shape == (64, 96, 3)
@@ -97,7 +100,7 @@ def test_init_demo_writes_a_loadable_official_layout(irg_on_path, tmp_path: Path
     assert p.returncode == 0, p.stderr
     files = {f.name for f in (tmp_path / "demo").iterdir()}
     assert files == {"llm_config.json", "vit_config.json", "ae_config.json", "ema.safetensors", "ae.safetensors",
-                     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"}
+                     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "serving_defaults.json"}
     from irg_core.loader import load_model
 
     m = load_model(tmp_path / "demo", device="cpu")

@@ -17,7 +17,7 @@ def resolve(settings: Settings, **request: object) -> dict:
 
 def test_defaults_come_from_irg_core(settings: Settings) -> None:
     p = resolve(settings)
-    core = GenerationParams(prompt="a fox")
+    core = GenerationParams(prompt="a fox").resolved()
     assert (p["mode"], p["rounds"], p["width"], p["height"], p["steps"]) == (core.mode, core.rounds, core.width,
                                                                              core.height, core.steps)
     assert p["thinking"] == {"max_tokens": core.max_think_tokens, "temperature": core.temperature}

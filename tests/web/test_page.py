@@ -20,7 +20,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from tests.web.conftest import API_KEY, Server
 
 PROMPT = "A lighthouse on a cliff at dusk, waves crashing below"
-SMALL = {"width": 64, "height": 64, "steps": 4, "max_tokens": 48}  # the demo model is tiny and CPU-bound
+# the demo model is tiny and CPU-bound; greedy thoughts (irg's default samples at 0.3, and on a CPU drawing from
+# 152k probabilities costs more per token than the tiny model itself)
+SMALL = {"width": 64, "height": 64, "steps": 4, "max_tokens": 48, "temperature": 0}
 LONG = {"width": 256, "height": 256, "steps": 200, "max_tokens": 64}  # runs long enough to be stopped
 HUGE = {"width": 1024, "height": 1024, "steps": 200, "max_tokens": 1}  # runs for minutes
 JOB_WAIT_S = 120  # generous: other test suites may share the two cores

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from server import metrics
 from server.api import idempotency
-from server.api.deps import JobDep, OwnerDep, QueueDep, SettingsDep, get_owner, require_json
+from server.api.deps import DefaultsDep, JobDep, OwnerDep, QueueDep, SettingsDep, get_owner, require_json
 from server.api.errors import BODY_ERRORS, ApiError
 from server.api.streams import event_response, sse_content, wait_for_end
 from server.events import ENGINE_EVENTS, QUEUED, STARTED, TERMINAL_EVENTS, valid_event_id
@@ -43,11 +43,12 @@ def _idempotent_id(owner: str, key: str) -> str:
     503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}, **BODY_ERRORS})
 async def create_generation(
     body: GenerateRequest, request: Request, queue: QueueDep, settings: SettingsDep, owner: OwnerDep,
+    defaults: DefaultsDep,
     idempotency_key: Annotated[str | None, Header(max_length=256, description=(
         "the same key and body again returns the job it created instead of queueing a new one; the same key "
         "with a different body is a 409"))] = None,
 ) -> Response:
-    params = build_params(body, body.prompt, body.width, body.height, settings)
+    params = build_params(body, body.prompt, body.width, body.height, settings, defaults)
     job = new_job(params, owner, body.image_b64, _idempotent_id(owner, idempotency_key) if idempotency_key else None)
     if idempotency_key:
         job.options[idempotency.OPTION] = idempotency.fingerprint(body)

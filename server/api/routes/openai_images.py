@@ -18,7 +18,7 @@ from PIL import Image
 from sse_starlette import ServerSentEvent
 
 from server import metrics
-from server.api.deps import OwnerDep, QueueDep, SettingsDep, get_owner, require_json
+from server.api.deps import DefaultsDep, OwnerDep, QueueDep, SettingsDep, get_owner, require_json
 from server.api.errors import ApiError
 from server.api.streams import bounded_response, sse_content, wait_for_end
 from server.events import COMPLETED, follow
@@ -86,7 +86,7 @@ async def _submit(queue: JobQueue, params: dict[str, Any], owner: str, n: int) -
                         400: OPENAI_ERROR, 401: OPENAI_ERROR, 413: OPENAI_ERROR, 415: OPENAI_ERROR, 429: OPENAI_ERROR,
                         500: OPENAI_ERROR, 503: OPENAI_ERROR, 504: OPENAI_ERROR})
 async def create_images(body: ImageGenerationRequest, request: Request, queue: QueueDep, settings: SettingsDep,
-                        owner: OwnerDep) -> Response:
+                        owner: OwnerDep, defaults: DefaultsDep) -> Response:
     width, height = _size(body.size)
     n = 1 if body.n is None else body.n
     if body.background == "transparent":
@@ -95,7 +95,7 @@ async def create_images(body: ImageGenerationRequest, request: Request, queue: Q
         raise RequestError("n", f"must be an integer within [1, {settings.max_images}] on this server")
     if body.stream and n != 1:
         raise RequestError("n", "a streamed generation has one image: n must be 1")
-    params = build_params(body, body.prompt, width, height, settings)
+    params = build_params(body, body.prompt, width, height, settings, defaults)
     jobs = await _submit(queue, params, owner, n)
     output = Output(body.output_format or "png", 100 if body.output_compression is None else body.output_compression,
                     f"{params['width']}x{params['height']}")
