@@ -18,7 +18,7 @@ image k is put back into the context comes from `manual_seed(seed + R + k - 1)`;
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import TypeVar
 
@@ -167,11 +167,23 @@ def _check_reencode_fits(engine: Engine, params: GenerationParams) -> None:
 
 def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink | None = None,
                    should_cancel: Callable[[], bool] | None = None, keep_tensors: bool = False,
-                   fixed_thoughts: bool = False) -> TrajectoryResult:
+                   fixed_thoughts: bool = False, images: Sequence[Image.Image] = ()) -> TrajectoryResult:
     """Run one trajectory; raises `irg_core.errors.Cancelled` when `should_cancel()` turns true.
 
     `fixed_thoughts` decodes exactly `max_think_tokens` per thought (ignoring `<|im_end|>`), for benchmarks.
+    An edit (`params.edit`) takes its input image in `images` (one PIL RGB image): `irg_core.recipes.run_edit`.
     """
+    if params.edit or images:
+        if not params.edit or len(images) != 1:
+            raise ParamError("image", "an edit takes exactly one input image (and params.edit)")
+        from irg_core.recipes import run_edit
+
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        result = run_edit(engine, params, images[0], on_event, should_cancel, keep_tensors, fixed_thoughts)
+        if engine.device.type == "cuda":
+            result.peak_memory_bytes = torch.cuda.max_memory_allocated(engine.device)
+        return result
     params = params.resolved()
     params.validate(max_side=engine.cfg.max_image_side)
     _check_reencode_fits(engine, params)

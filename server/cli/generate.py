@@ -17,9 +17,11 @@ from server.cli.errors import CommandError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="run one trajectory and write round-N.png + trajectory.json")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt, or with --image the edit instruction")
     add_model_options(p)
     add_generation_options(p)
+    p.add_argument("--image", type=Path, metavar="IN.png",
+                   help="edit this image (PNG, JPEG or WebP); the output size follows it, as in the official code")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
     p.add_argument("--save-tensors", action="store_true", help="also write tensors.safetensors (noise, latents)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -29,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("irg", "think", "direct"), default="irg")
     p.add_argument("--rounds", type=int, default=2, help="image rounds of mode irg (>= 2)")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=None, help="default 1024 (not with --image)")
+    p.add_argument("--height", type=int, default=None, help="default 1024 (not with --image)")
     p.add_argument("--steps", type=int, default=50, help="timesteps as BAGEL counts them: 50 -> 49 evaluations")
     p.add_argument("--seed", type=int, default=None, help="default: random (always reported)")
     p.add_argument("--temperature", type=float, default=0.0, help="thought sampling temperature (0 = greedy)")
@@ -40,7 +42,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt-file", type=Path, help="system prompt (default: the mode's own)")
 
 
-def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
+def read_guidance(path: Path | None, edit: bool = False) -> tuple[RoundGuidance, ...]:
     if path is None:
         return ()
     try:
@@ -57,7 +59,7 @@ def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
         if unknown:
             raise CommandError(f"--guidance {path}: round {i + 1} has unknown keys {sorted(unknown)}")
         try:
-            g = round_guidance(i + 1, r)
+            g = round_guidance(i + 1, r, edit)
             if len(g.interval) != 2:
                 raise ValueError("interval needs two numbers")
             out.append(g)
@@ -71,10 +73,30 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     if args.system_prompt_file is not None:
         system = args.system_prompt_file.read_text("utf-8")
     seed = args.seed if args.seed is not None else secrets.randbits(31)
+    edit = getattr(args, "image", None) is not None
+    if edit and (args.width is not None or args.height is not None):
+        raise CommandError("--width/--height: an edit's output size follows the input image (the VAE transform's "
+                           "resize of it, as in the official code); leave them out with --image")
+    width = 1024 if args.width is None else args.width
+    height = 1024 if args.height is None else args.height
     return GenerationParams(
-        prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=args.width, height=args.height,
+        prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=width, height=height,
         steps=args.steps, seed=seed, max_think_tokens=args.max_think_tokens, temperature=args.temperature,
-        guidance=read_guidance(args.guidance), system_prompt=system).resolved()
+        guidance=read_guidance(args.guidance, edit), system_prompt=system, edit=edit).resolved()
+
+
+def read_image(path: Path):  # -> PIL.Image.Image
+    """An input image file through the server's input rules (format, limits, EXIF, RGB as the official code)."""
+    from server.inputs import ImageInputError, decode_image
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CommandError(f"--image {path}: cannot read ({e.strerror or e})") from e
+    try:
+        return decode_image(data)
+    except ImageInputError as e:
+        raise CommandError(f"--image {path}: {e.message}") from e
 
 
 class Progress:
@@ -116,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
     from irg_core.trajectory import run_trajectory
 
     params = params_from_args(args)
+    images = [read_image(args.image)] if args.image is not None else []
     engine = open_engine(args)
     progress = Progress(not args.quiet, params.max_think_tokens)
-    result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors)
+    result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors, images=images)
     progress.close()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
     p = result.params
     return {
-        "prompt": p.prompt, "mode": p.mode, "seed": p.seed, "width": p.width, "height": p.height,
+        "prompt": p.prompt, "mode": p.mode, "edit": p.edit, "seed": p.seed, "width": p.width, "height": p.height,
         "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
         "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
                     "guidance": r.guidance.to_dict(),
