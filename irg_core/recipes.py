@@ -111,6 +111,15 @@ def edit_pool_budget(engine: Engine, params: GenerationParams, text_tokens: int)
     return tokens, 6 * rounds + 10
 
 
+def edit_contexts(engine: Engine, system_ids: list[int], instruction_ids: list[int], resized: Image.Image,
+                  eps_seed: int) -> tuple[Context, Context, Context]:
+    """Prefill an edit's three starting contexts: ([S?, X], [S?, X, I], [S?, I]); X = VAE block then ViT block of
+    the VAE-resized input (posterior noise from `eps_seed`). The pool must have been reset."""
+    s = engine.prefill_text(EMPTY, system_ids) if system_ids else EMPTY
+    x = engine.prefill_vit_image(engine.prefill_vae_image(s, resized, eps_seed), resized)
+    return x, engine.prefill_text(x, instruction_ids), engine.prefill_text(s, instruction_ids)
+
+
 def run_edit(engine: Engine, params: GenerationParams, image: Image.Image, on_event: EventSink | None = None,
              should_cancel: Callable[[], bool] | None = None, keep_tensors: bool = False,
              fixed_thoughts: bool = False) -> TrajectoryResult:
@@ -133,9 +142,7 @@ def run_edit(engine: Engine, params: GenerationParams, image: Image.Image, on_ev
     engine.reset_pool(*edit_pool_budget(engine, params, len(system_ids) + len(instruction_ids)))
 
     def prefill() -> tuple[Context, Context, Context]:
-        s = engine.prefill_text(EMPTY, system_ids) if system_ids else EMPTY
-        x = engine.prefill_vit_image(engine.prefill_vae_image(s, resized, input_eps_seed(params)), resized)
-        return x, engine.prefill_text(x, instruction_ids), engine.prefill_text(s, instruction_ids)
+        return edit_contexts(engine, system_ids, instruction_ids, resized, input_eps_seed(params))
 
     with_image, main, texts = run.timed("prefill", 0, prefill)
     if params.mode == "direct":
