@@ -33,11 +33,12 @@ class ImageLimits:
 class ImageInputError(ValueError):
     """An input image is refused; `status` is 413 (a size limit) or 422 (anything else), `limit` names it."""
 
-    def __init__(self, message: str, status: int = 422, limit: str | None = None):
+    def __init__(self, message: str, status: int = 422, limit: str | None = None, field: str | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.limit = limit
+        self.field = field
 
 
 def sniff_format(data: bytes) -> str:

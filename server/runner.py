@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from irg_core.engine import Engine
-from irg_core.params import EngineEvent, GenerationParams, TrajectoryResult, image_rounds
+from irg_core.params import EngineEvent, GenerationParams, TrajectoryResult, UnderstandingParams, image_rounds
+from irg_core.recipes import UnderstandingResult, run_understanding
 from irg_core.trajectory import run_trajectory
 
 log = logging.getLogger(__name__)
@@ -45,9 +47,18 @@ class EngineRunner:
             torch.cuda.synchronize(self.engine.device)
 
     def run(self, params: GenerationParams, on_event: Callable[[EngineEvent], None],
-            should_cancel: Callable[[], bool]) -> TrajectoryResult:
+            should_cancel: Callable[[], bool], images: Sequence[Any] = ()) -> TrajectoryResult:
         try:
-            return run_trajectory(self.engine, params, on_event=on_event, should_cancel=should_cancel)
+            return run_trajectory(self.engine, params, on_event=on_event, should_cancel=should_cancel, images=images)
+        except torch.OutOfMemoryError:
+            if self.engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
+
+    def understand(self, params: UnderstandingParams, images: Sequence[Any],
+                   on_event: Callable[[EngineEvent], None], should_cancel: Callable[[], bool]) -> UnderstandingResult:
+        try:
+            return run_understanding(self.engine, params, images, on_event=on_event, should_cancel=should_cancel)
         except torch.OutOfMemoryError:
             if self.engine.device.type == "cuda":
                 torch.cuda.empty_cache()

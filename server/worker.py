@@ -22,7 +22,7 @@ from irg_core.errors import Cancelled
 from irg_core.params import GenerationParams, ParamError, TrajectoryResult
 from server import metrics
 from server.events import CANCELLED, COMPLETED, FAILED
-from server.jobs import JobRecord, generation_params, job_public
+from server.jobs import JobRecord, generation_params, input_images, job_public, understanding_params
 from server.publish import Publisher
 from server.queue.base import Claim, LeaseLost, WorkerInfo, WorkerQueue
 from server.settings import Settings
@@ -39,6 +39,9 @@ class Runner(Protocol):
     def run(self, params: GenerationParams, on_event: Any, should_cancel: Any) -> TrajectoryResult: ...
 
     def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]: ...
+
+    def understand(self, params: Any, images: list[Any], on_event: Any, should_cancel: Any) -> Any:
+        """Task understand: `irg_core.recipes.run_understanding` (returns its UnderstandingResult)."""
 
     def memory(self) -> dict[str, int]:
         """Accelerator memory by kind (allocated, reserved, peak); empty without one."""
@@ -150,10 +153,15 @@ class Worker:
         if job.cancel or self.q.cancel_requested(job.id):
             return self._end(claim, CANCELLED, job)
         assert self.runner is not None
-        params = generation_params(job.params)
         publisher = Publisher(self.q, claim)
+        should_stop = lambda: running.why_stop(self.handback) is not None  # noqa: E731
+        if job.params.get("task") == "understand":
+            return self._understand(running, publisher, should_stop)
+        params = generation_params(job.params)
         try:
-            result = self.runner.run(params, publisher, lambda: running.why_stop(self.handback) is not None)
+            images = input_images(job) if job.inputs else []
+            extra = {"images": images} if images else {}  # an edit (runners without inputs stay as they are)
+            result = self.runner.run(params, publisher, should_stop, **extra)
         except Cancelled:
             return self._stopped(running, publisher)
         except LeaseLost:
@@ -164,6 +172,26 @@ class Worker:
                                           "stages": [asdict(s) for s in result.stages]},
                                  usage=self.runner.usage(params, result))
         metrics.observe_stages(result.stages, result.total_seconds)
+        self._end(claim, COMPLETED, final)
+
+    def _understand(self, running: _Running, publisher: Publisher, should_stop: Callable[[], bool]) -> None:
+        """Task understand: one answer about the input images, streamed as answer.delta / answer.done."""
+        claim, job = running.claim, running.claim.job
+        assert self.runner is not None
+        try:
+            params = understanding_params(job.params)
+            result = self.runner.understand(params, input_images(job), publisher, should_stop)
+        except Cancelled:
+            return self._stopped(running, publisher)
+        except LeaseLost:
+            raise
+        except Exception as e:  # the job fails alone; the worker lives on
+            return self._end(claim, FAILED, publisher.record(), error=_failure(job, e))
+        prompt_tokens = result.context_length
+        final = publisher.record(timings={"run_seconds": result.total_seconds,
+                                          "stages": [asdict(s) for s in result.stages]},
+                                 usage={"prompt_tokens": prompt_tokens, "text_tokens": len(result.token_ids),
+                                        "image_tokens": 0})
         self._end(claim, COMPLETED, final)
 
     def _fail_quietly(self, claim: Claim, e: Exception) -> None:
@@ -189,7 +217,7 @@ class Worker:
     def _end(self, claim: Claim, event: str, job: JobRecord, error: dict[str, str] | None = None) -> None:
         status = {COMPLETED: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}[event]
         final = replace(job, status=status, finished_at=time.time(), error=error, cancel=False)
-        names = ["status", "finished_at", "texts", "images", "timings", "usage", "error"]
+        names = ["status", "finished_at", "texts", "images", "timings", "usage", "error", "answer"]
         data: dict[str, Any] = {"job_id": job.id}
         if event == COMPLETED:
             data.update(job_public(final).model_dump(mode="json"))

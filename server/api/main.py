@@ -14,7 +14,8 @@ from fastapi.openapi.utils import get_openapi
 
 from server.api import errors
 from server.api.limits import BodyLimit
-from server.api.routes import docs, generations, health, openai_images, web
+from server.api.routes import chat, docs, generations, health, openai_edits, openai_images, web
+from server.api.uploads import UPLOAD_PATHS, MultipartGenerations
 from server.queue.base import JobQueue
 from server.settings import Settings, get_settings
 
@@ -72,8 +73,10 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
     app.state.settings = settings
     app.state.queue = queue
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (generations, openai_images, health, docs):
+    app.add_middleware(MultipartGenerations)  # inside the body limit: a multipart upload becomes the JSON request
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes,
+                       upload_paths=UPLOAD_PATHS)
+    for module in (generations, openai_images, openai_edits, chat, health, docs):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     app.include_router(web.router)  # last: `/{name}` must not shadow the API's paths

@@ -74,7 +74,8 @@ class FakeRunner:
     def __init__(self, fail: BaseException | None = None, step_s: float = 0.0):
         self.fail, self.step_s = fail, step_s
 
-    def run(self, params: GenerationParams, on_event: Any, should_cancel: Any) -> TrajectoryResult:
+    def run(self, params: GenerationParams, on_event: Any, should_cancel: Any, images: Any = ()) -> TrajectoryResult:
+        assert bool(images) == params.edit  # an edit comes with its input image, nothing else does
         params = params.resolved()
         params.validate(max_side=1024)
         if self.fail is not None:
@@ -97,6 +98,25 @@ class FakeRunner:
 
     def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]:
         return {"prompt_tokens": 1, "text_tokens": 2, "image_tokens": 3}
+
+    def understand(self, params: Any, images: Any, on_event: Any, should_cancel: Any) -> Any:
+        """An answer of `max_tokens` words, one answer.delta each, naming how many images it saw."""
+        from irg_core.recipes import UnderstandingResult
+
+        params.validate()
+        if self.fail is not None:
+            raise self.fail
+        words = [f" w{i}" for i in range(params.max_tokens)]
+        words[0] = f" {len(images)}img"
+        for w in words:
+            if should_cancel():
+                raise Cancelled()
+            time.sleep(self.step_s)
+            on_event(EngineEvent("answer.delta", {"text": w}))
+        on_event(EngineEvent("answer.done", {"text": "".join(words), "tokens": len(words)}))
+        return UnderstandingResult(params, token_ids=list(range(len(words))), text="".join(words),
+                                   stages=[StageTiming("answer", 0, 0.001, tokens=len(words))], total_seconds=0.002,
+                                   context_length=10)
 
     def memory(self) -> dict[str, int]:
         return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Annotated, Any
 
@@ -13,7 +14,7 @@ from server.api.deps import JobDep, OwnerDep, QueueDep, SettingsDep, get_owner
 from server.api.errors import BODY_ERRORS, ApiError
 from server.api.streams import event_response, sse_content, wait_for_end
 from server.events import ENGINE_EVENTS, QUEUED, STARTED, TERMINAL_EVENTS, valid_event_id
-from server.jobs import build_params, image_round, job_path, job_public, new_job
+from server.jobs import build_params, check_input_images, image_round, job_path, job_public, new_job
 from server.schemas import IMAGE_NAME_PATTERN, ErrorResponse, GenerateRequest, JobPublic
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], dependencies=[Depends(get_owner)])
@@ -35,7 +36,8 @@ def _idempotent_id(owner: str, key: str) -> str:
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a prompt", responses={
     200: {"model": JobPublic, "content": SSE, "description": "`stream`: the event stream; `wait`: the ended job"},
-    401: ERRORS[401], 422: {"model": ErrorResponse, "description": "invalid parameters (nothing is queued)"},
+    401: ERRORS[401], 422: {"model": ErrorResponse, "description": "invalid parameters or input image (nothing is "
+                                                                   "queued)"},
     429: {"model": ErrorResponse, "description": "the queue is full; see Retry-After"},
     503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}, **BODY_ERRORS})
 async def create_generation(
@@ -43,9 +45,10 @@ async def create_generation(
     idempotency_key: Annotated[str | None, Header(max_length=256, description=(
         "the same key again returns the job it created instead of queueing a new one"))] = None,
 ) -> Response:
-    params = build_params(body, body.prompt, body.width, body.height, settings)
+    inputs = await asyncio.to_thread(check_input_images, body.images, settings) if body.images else None
+    params = build_params(body, body.prompt, body.width, body.height, settings, inputs, body.task)
     job_id = _idempotent_id(owner, idempotency_key) if idempotency_key else None
-    job, position, created = await queue.submit(new_job(params, owner, body.image_b64, job_id))
+    job, position, created = await queue.submit(new_job(params, owner, body.image_b64, job_id, inputs))
     if created:
         metrics.SUBMITTED.labels(body.mode).inc()
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
