@@ -47,7 +47,8 @@ const problems = (list, summary) => showProblems(form, $("form-error"), list, su
 function setBusy(value) {
   busy = value;
   $("submit").disabled = busy || Date.now() < blockedUntil;
-  $("submit").textContent = busy ? "Generating…" : "Generate";
+  const label = $("submit").dataset.label ?? "Generate";
+  $("submit").textContent = busy ? (label === "Ask" ? "Asking…" : "Generating…") : label;
   $("cancel").disabled = !busy;
 }
 
@@ -149,7 +150,7 @@ function showFacts(job) {
     ["Seed", p.seed],
     ["Size", p.width ? `${p.width} × ${p.height}` : undefined],
     ["Task", p.task === "understand" ? "question" : p.edit ? "edit" : undefined],
-    ["Steps", p.steps],
+    ["Steps", p.steps || undefined],
     ["Mode", p.mode && (p.mode === "irg" ? `irg, ${p.rounds} rounds` : p.mode)],
   ]);
 }
@@ -414,6 +415,9 @@ function syncMode() {
   $("image-field").hidden = task === "generate";
   $("prompt-label").textContent = { generate: "Prompt", edit: "Instruction", understand: "Question" }[task];
   $("task-hint").textContent = TASK_HINTS[task];
+  form.querySelector('label[for="max_tokens"]').textContent = asking ? "Answer tokens" : "Thinking tokens";
+  $("submit").dataset.label = asking ? "Ask" : "Generate";
+  if (!busy) $("submit").textContent = $("submit").dataset.label;
   $("mode-hint").textContent = asking ? "" : MODE_HINTS[now];
 }
 

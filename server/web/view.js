@@ -8,6 +8,7 @@ const STAGE_NAMES = {
   image: "Denoising",
   decode: "VAE decode",
   reencode: "Re-encode image",
+  answer: "Answer",
 };
 
 const seconds = (s) => (s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`);
