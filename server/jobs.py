@@ -103,6 +103,10 @@ class JobRecord:
         return cls(**kw)
 
 
+# What the API reads of a job: everything but the input images' bytes (megabytes; only a worker needs them).
+API_FIELDS = [name for name in JobRecord.__dataclass_fields__ if name != "inputs"]
+
+
 # -- requests -> parameters ----------------------------------------------------------------------------
 
 

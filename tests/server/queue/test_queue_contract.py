@@ -250,4 +250,4 @@ async def test_input_images_travel_with_the_job_to_every_attempt(q: Pair) -> Non
     assert second is not None and second.attempt == 2 and second.job.inputs == job.inputs
     (image,) = input_images(second.job)
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(buf.getvalue()))))
-    assert (await q.api.get(job.id)).inputs == job.inputs
+    assert (await q.api.get(job.id)).inputs == []  # the API's view leaves the bytes out: only claims carry them
