@@ -73,16 +73,20 @@ class RoundGuidance:
 # (the paper's dual guidance) on [0, 1] with text_channel renorm; shift 3 everywhere.
 FIRST_ROUND = RoundGuidance(4.0, 1.0, (0.4, 1.0), "global", 0.0, 3.0)
 LATER_ROUND = RoundGuidance(2.0, 2.0, (0.0, 1.0), "text_channel", 0.0, 3.0)
+# An edit's first round: BAGEL inference.ipynb "Editing" (text 4.0, image 2.0 on [0, 1], text_channel renorm).
+EDIT_ROUND = RoundGuidance(4.0, 2.0, (0.0, 1.0), "text_channel", 0.0, 3.0)
 
 
-def default_guidance(round_index: int) -> RoundGuidance:
-    """Default guidance of image round `round_index` (1-based)."""
-    return FIRST_ROUND if round_index == 1 else LATER_ROUND
+def default_guidance(round_index: int, edit: bool = False) -> RoundGuidance:
+    """Default guidance of image round `round_index` (1-based); `edit`: the trajectory edits an input image."""
+    if round_index == 1:
+        return EDIT_ROUND if edit else FIRST_ROUND
+    return LATER_ROUND
 
 
-def round_guidance(round_index: int, overrides: dict[str, Any]) -> RoundGuidance:
+def round_guidance(round_index: int, overrides: dict[str, Any], edit: bool = False) -> RoundGuidance:
     """Round `round_index`'s default guidance with the keys of `overrides` replaced."""
-    merged = dict(asdict(default_guidance(round_index)), **overrides)
+    merged = dict(asdict(default_guidance(round_index, edit)), **overrides)
     merged["interval"] = tuple(float(v) for v in merged["interval"])
     return RoundGuidance(**merged)
 
@@ -107,12 +111,15 @@ class GenerationParams:
     temperature: float | None = None  # None: the mode's recipe default (irg 0.3, think/direct greedy)
     guidance: tuple[RoundGuidance, ...] = ()
     system_prompt: str | None = None  # None: the mode's own prompt (irg_core/data)
+    # An edit: the prompt is an instruction about an input image given to `run_trajectory(images=...)`;
+    # width/height are then derived from that image (the VAE transform's resize, as the official code does).
+    edit: bool = False
 
     def resolved(self) -> GenerationParams:
         """Fill guidance per image round and the thought knobs left None with the mode's defaults; validate."""
         n = image_rounds(self.mode, self.rounds) if self.mode in MODES else 0
         given = list(self.guidance)
-        full = tuple(given[i] if i < len(given) else default_guidance(i + 1) for i in range(n))
+        full = tuple(given[i] if i < len(given) else default_guidance(i + 1, self.edit) for i in range(n))
         out = replace(self, guidance=full)
         if self.mode in MODES and (self.max_think_tokens is None or self.temperature is None):
             recipe = recipe_defaults(self.mode)
@@ -150,6 +157,38 @@ class GenerationParams:
         d = asdict(self)
         d["guidance"] = [g.to_dict() for g in self.guidance]
         return d
+
+
+MAX_ANSWER_TOKENS = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class UnderstandingParams:
+    """An image-understanding request: images (given to `run_understanding`) plus a question -> a text answer.
+
+    `think` puts BAGEL's `VLM_THINK_SYSTEM_PROMPT` first (the official `think=True, understanding_output=True`);
+    `max_tokens` counts generated tokens (the official `max_think_token_n` minus its start token).
+    """
+
+    question: str
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+    think: bool = False
+    system_prompt: str | None = None  # None: VLM_THINK_SYSTEM_PROMPT with think, nothing without
+
+    def validate(self) -> None:
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ParamError("question", "must be a non-empty string")
+        if not 1 <= self.max_tokens <= MAX_ANSWER_TOKENS:
+            raise ParamError("max_tokens", f"must be within [1, {MAX_ANSWER_TOKENS}]")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 10.0):
+            raise ParamError("temperature", "must be within [0, 10]")
+        if not 0 <= self.seed < 2**63:
+            raise ParamError("seed", "must be within [0, 2^63)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(slots=True)

@@ -13,11 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-MAX_PIXELS = 14 * 14 * 9 * 1024  # BAGEL's default max_pixels
-
-
-def _divisible(value: float, stride: int) -> int:
-    return max(stride, int(round(value / stride) * stride))
+from irg_core.sizes import MAX_PIXELS, resize_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,19 +24,8 @@ class ImageTransform:
     max_pixels: int = MAX_PIXELS
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after the resize rule; `round` is Python's (half to even), as upstream."""
-
-        def apply(w: float, h: float, scale: float) -> tuple[int, int]:
-            return _divisible(round(w * scale), self.stride), _divisible(round(h * scale), self.stride)
-
-        scale = min(self.max_size / max(width, height), 1.0)
-        scale = max(scale, self.min_size / min(width, height))
-        w, h = apply(width, height, scale)
-        if w * h > self.max_pixels:
-            w, h = apply(w, h, self.max_pixels / (w * h))  # an area ratio used as a linear scale, as upstream
-        if max(w, h) > self.max_size:
-            w, h = apply(w, h, self.max_size / max(w, h))
-        return w, h
+        """(width, height) after the resize rule (`irg_core.sizes.resize_target`)."""
+        return resize_target(width, height, self.max_size, self.min_size, self.stride, self.max_pixels)
 
     def resize(self, image: Image.Image) -> Image.Image:
         w, h = self.target_size(*image.size)

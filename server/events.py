@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 QUEUED, STARTED, COMPLETED, FAILED, CANCELLED = "queued", "started", "completed", "failed", "cancelled"
 ENGINE_EVENTS = ("thinking.delta", "thinking.done", "image.progress", "image.done", "reflection.delta",
-                 "reflection.done")
+                 "reflection.done", "answer.delta", "answer.done")
 TERMINAL_EVENTS = frozenset({COMPLETED, FAILED, CANCELLED})
 EVENT_ID = re.compile(r"^\d{1,19}(-\d{1,19})?$")  # a Redis stream id, or the in-process queue's counter
 READ_BLOCK_S = 5.0  # longest single wait for new events (short, so a gone job or client is noticed)

@@ -13,11 +13,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from irg_core.defaults import RECIPE, ServingDefaults
-from irg_core.params import GenerationParams, ParamError, RoundGuidance, image_rounds, round_guidance
+from irg_core.params import (
+    GenerationParams,
+    ParamError,
+    RoundGuidance,
+    UnderstandingParams,
+    image_rounds,
+    round_guidance,
+)
+from irg_core.sizes import edit_output_size
+from server.inputs import ImageInputError, ImageLimits, decode_base64, decode_image, sniff_format
 from server.schemas import DEFAULTS, GenerationOptions, JobLinks, JobPublic, TextOut
 from server.settings import Settings
 
-JSON_FIELDS = ("params", "options", "texts", "images", "timings", "usage", "error")
+JSON_FIELDS = ("params", "options", "texts", "images", "timings", "usage", "error", "answer", "inputs")
 FLOAT_FIELDS = ("created_at", "started_at", "finished_at")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -53,6 +62,8 @@ class JobRecord:
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     cancel: bool = False
+    answer: dict[str, Any] | None = None  # AnswerOut (task understand)
+    inputs: list[str] = field(default_factory=list)  # the input images' bytes, base64, as uploaded (validated)
 
     @property
     def terminal(self) -> bool:
@@ -93,6 +104,10 @@ class JobRecord:
         return cls(**kw)
 
 
+# What the API reads of a job: everything but the input images' bytes (megabytes; only a worker needs them).
+API_FIELDS = [name for name in JobRecord.__dataclass_fields__ if name != "inputs"]
+
+
 # -- requests -> parameters ----------------------------------------------------------------------------
 
 
@@ -112,12 +127,81 @@ def _check_limits(opts: GenerationOptions, prompt: str, settings: Settings, **va
         raise RequestError("rounds", "mode irg needs at least 2 rounds (a draft and a final image)")
 
 
+@dataclass(frozen=True)
+class InputImages:
+    """A request's input images, validated: the bytes to store with the job and what the API reports."""
+
+    raw: list[bytes]
+    meta: list[dict[str, Any]]
+
+    @property
+    def b64(self) -> list[str]:
+        import base64
+
+        return [base64.b64encode(b).decode("ascii") for b in self.raw]
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_side)
+
+
+def check_input_images(images: list[str | bytes], settings: Settings, field_name: str = "images") -> InputImages:
+    """Base64 strings / data URLs or raw bytes -> validated input images; raises ImageInputError (`field` set).
+
+    Every image is decoded once here (limits first), so a bad one is refused before anything is queued."""
+    import hashlib
+
+    if len(images) > settings.max_input_images:
+        raise ImageInputError(f"{field_name}: at most {settings.max_input_images} input images (IRG_MAX_INPUT_IMAGES)",
+                              413, "max_input_images")
+    limits = image_limits(settings)
+    raw, meta = [], []
+    for i, item in enumerate(images):
+        where = f"{field_name}[{i}]" if len(images) > 1 or field_name == "images" else field_name
+        try:
+            data = decode_base64(item, limits) if isinstance(item, str) else item
+            image = decode_image(data, limits)
+        except ImageInputError as e:
+            e.message = f"{where}: {e.message}"
+            e.args = (e.message,)
+            e.field = where
+            raise
+        raw.append(data)
+        meta.append({"format": sniff_format(data), "width": image.width, "height": image.height, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()})
+    return InputImages(raw, meta)
+
+
+def input_images(job: JobRecord) -> list[Any]:
+    """The job's input images as PIL RGB images (decoded exactly as at submission)."""
+    import base64
+
+    loose = ImageLimits(max_bytes=2**40, max_pixels=2**40, max_side=2**31, min_side=1)  # checked at submission
+    return [decode_image(base64.b64decode(b), loose) for b in job.inputs]
+
+
 def build_params(opts: GenerationOptions, prompt: str, width: int | None, height: int | None,
-                 settings: Settings, defaults: ServingDefaults = RECIPE) -> dict[str, Any]:
+                 settings: Settings, defaults: ServingDefaults = RECIPE, inputs: InputImages | None = None,
+                 task: str = "generate") -> dict[str, Any]:
     """The resolved parameters (ResolvedParams JSON) of a request; raises RequestError (422).
 
     A field left out takes the mode's default in `defaults` (the model's serving defaults, see
-    irg_core.defaults; guidance from irg_core.params), capped by the deployment's limit."""
+    irg_core.defaults; guidance from irg_core.params), capped by the deployment's limit. With one input
+    image and task generate the job is an edit (its size follows the image); task understand answers the
+    prompt about the input images."""
+    n_inputs = len(inputs.raw) if inputs else 0
+    if task == "understand":
+        return _understanding_params(opts, prompt, settings, inputs, defaults)
+    edit = n_inputs > 0
+    if n_inputs > 1:
+        raise RequestError("images", "an edit takes one input image (several are for task understand)")
+    if edit:
+        if width is not None or height is not None:
+            raise RequestError("width" if width is not None else "height",
+                               "an edit's output size follows the input image (the VAE transform's resize of it, "
+                               "as in the official code); leave width and height out")
+        assert inputs is not None
+        width, height = edit_output_size(inputs.meta[0]["width"], inputs.meta[0]["height"])
     mode = defaults.for_mode(opts.mode)
     width = width or min(mode.width, settings.max_side)
     height = height or min(mode.height, settings.max_side)
@@ -133,12 +217,15 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
     guidance = []
     for k in range(1, n + 1):
         overrides = given[k - 1].model_dump(exclude_none=True) if k <= len(given) else {}
-        guidance.append(round_guidance(k, overrides).to_dict())
+        guidance.append(round_guidance(k, overrides, edit).to_dict())
     seed = opts.seed if opts.seed is not None else secrets.randbits(31)  # < 2^53: exact in JavaScript too
     params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
               "steps": steps, "seed": seed,
               "thinking": {"max_tokens": max_tokens, "temperature": temperature},
               "guidance": guidance}
+    if edit:
+        assert inputs is not None
+        params.update(edit=True, inputs=inputs.meta)
     try:
         generation_params(params).validate(max_side=settings.max_side)
     except ParamError as e:
@@ -146,10 +233,48 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
     return params
 
 
+def _understanding_params(opts: GenerationOptions, prompt: str, settings: Settings, inputs: InputImages | None,
+                          defaults: ServingDefaults = RECIPE) -> dict[str, Any]:
+    if inputs is None or not inputs.raw:
+        raise RequestError("images", "task understand needs at least one input image")
+    mode = opts.mode if "mode" in opts.model_fields_set else "direct"
+    if mode == "irg":
+        raise RequestError("mode", "task understand takes mode direct (an answer) or think (BAGEL's thinking "
+                                   "prompt first); irg draws images")
+    if opts.rounds not in (None, 1) or opts.guidance:
+        raise RequestError("rounds" if opts.rounds not in (None, 1) else "guidance",
+                           "task understand draws no image: leave rounds and guidance out")
+    if opts.steps is not None:
+        raise RequestError("steps", "task understand draws no image: leave steps out")
+    if len(prompt) > settings.max_prompt_chars:
+        raise RequestError("prompt", f"must be at most {settings.max_prompt_chars} characters")
+    # BAGEL answers greedily with up to its own thought limit (the think/direct defaults of the model)
+    max_tokens = opts.thinking.max_tokens or min(defaults.for_mode(mode).max_think_tokens, settings.max_think_tokens)
+    temperature = 0.0 if opts.thinking.temperature is None else opts.thinking.temperature
+    if max_tokens > settings.max_think_tokens:
+        raise RequestError("thinking.max_tokens", f"must be within [1, {settings.max_think_tokens}] on this server")
+    seed = opts.seed if opts.seed is not None else secrets.randbits(31)
+    params = {"prompt": prompt, "mode": mode, "rounds": 0, "width": 0, "height": 0, "steps": 0, "seed": seed,
+              "thinking": {"max_tokens": max_tokens, "temperature": temperature}, "guidance": [],
+              "task": "understand", "edit": False, "inputs": inputs.meta}
+    try:
+        understanding_params(params).validate()
+    except ParamError as e:
+        raise RequestError(_api_field(e.field), e.message) from e
+    return params
+
+
+def understanding_params(params: dict[str, Any]) -> UnderstandingParams:
+    """The engine's understanding parameters from a job's resolved parameters (prompt = the question)."""
+    return UnderstandingParams(question=params["prompt"], max_tokens=params["thinking"]["max_tokens"],
+                               temperature=params["thinking"]["temperature"], seed=params["seed"],
+                               think=params["mode"] == "think")
+
+
 def _api_field(name: str) -> str:
     """The request's name of an engine or limit field."""
     return {"max_think_tokens": "thinking.max_tokens", "max_tokens": "thinking.max_tokens",
-            "temperature": "thinking.temperature"}.get(name, name)
+            "temperature": "thinking.temperature", "question": "prompt"}.get(name, name)
 
 
 def generation_params(params: dict[str, Any]) -> GenerationParams:
@@ -159,12 +284,13 @@ def generation_params(params: dict[str, Any]) -> GenerationParams:
         prompt=params["prompt"], mode=params["mode"], rounds=params["rounds"], width=params["width"],
         height=params["height"], steps=params["steps"],
         seed=params["seed"], max_think_tokens=params["thinking"]["max_tokens"],
-        temperature=params["thinking"]["temperature"], guidance=guidance)
+        temperature=params["thinking"]["temperature"], guidance=guidance, edit=bool(params.get("edit")))
 
 
-def new_job(params: dict[str, Any], owner: str, image_b64: bool, job_id: str | None = None) -> JobRecord:
+def new_job(params: dict[str, Any], owner: str, image_b64: bool, job_id: str | None = None,
+            inputs: InputImages | None = None) -> JobRecord:
     return JobRecord(id=job_id or new_job_id(), params=params, owner=owner, created_at=time.time(),
-                     options={"image_b64": image_b64})
+                     options={"image_b64": image_b64}, inputs=inputs.b64 if inputs else [])
 
 
 # -- images -----------------------------------------------------------------------------------------------
@@ -212,5 +338,6 @@ def job_public(job: JobRecord, position: int | None = None) -> JobPublic:
         finished_at=job.finished_at, queue_position=position if job.status == "queued" else None,
         attempt=job.attempt, worker=job.worker or None, cancel_requested=job.cancel and not job.terminal,
         params=job.params, texts=[TextOut(**t) for t in job.texts], images=images, timings=timings,
+        answer=job.answer,
         usage=job.usage, error=job.error,
         links=JobLinks(self=job_path(job.id), events=f"{job_path(job.id)}/events"))

@@ -37,6 +37,7 @@ class Publisher:
         self.b64 = bool(self.job.options.get("image_b64"))
         self.texts: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
+        self.answer: dict[str, Any] | None = None
 
     def __call__(self, event: EngineEvent) -> None:
         data: dict[str, Any] = {"job_id": self.job.id, **event.data}
@@ -45,6 +46,8 @@ class Publisher:
             fields = self._image(event, data)
         elif event.type.startswith(("thinking.", "reflection.")):
             fields = self._text(event)
+        elif event.type.startswith("answer."):
+            fields = self._answer(event)
         self.q.emit(self.claim, event.type, data, fields)
 
     def _text(self, event: EngineEvent) -> dict[str, str]:
@@ -59,6 +62,16 @@ class Publisher:
             entry["text"] += event.data["text"]
         return {"texts": _dumps(self.texts)}
 
+    def _answer(self, event: EngineEvent) -> dict[str, str]:
+        """Task understand: the answer so far (answer.delta), then whole (answer.done)."""
+        if self.answer is None:
+            self.answer = {"text": "", "done": False, "tokens": 0}
+        if event.type == "answer.done":
+            self.answer.update(text=event.data["text"], done=True, tokens=event.data.get("tokens", 0))
+        else:
+            self.answer["text"] += event.data["text"]
+        return {"answer": _dumps(self.answer)}
+
     def _image(self, event: EngineEvent, data: dict[str, Any]) -> dict[str, str]:
         k = event.data["round"]
         png = encode_png(event.image)
@@ -72,4 +85,5 @@ class Publisher:
 
     def record(self, **changes: Any) -> JobRecord:
         """The job as this run has made it so far."""
-        return replace(self.job, texts=list(self.texts), images=list(self.images), **changes)
+        answer = dict(self.answer) if self.answer is not None else None
+        return replace(self.job, texts=list(self.texts), images=list(self.images), answer=answer, **changes)

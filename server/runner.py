@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from irg_core.engine import Engine
-from irg_core.params import EngineEvent, GenerationParams, TrajectoryResult, image_rounds
-from irg_core.programs import prepare
+from irg_core.params import EngineEvent, GenerationParams, TrajectoryResult, UnderstandingParams, image_rounds
+from irg_core.recipes import prepare_understanding
 from irg_core.scheduler import Job, Scheduler
-from irg_core.trajectory import run_trajectory
+from irg_core.trajectory import prepare_any, run_trajectory
 from server import metrics
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,15 @@ class EngineRunner:
 
     # -- the worker's interface ------------------------------------------------------------------------------
     def submit(self, params: GenerationParams, on_event: Callable[[EngineEvent], None],
-               should_cancel: Callable[[], bool]) -> Job:
-        program, pages = prepare(self.engine, params)
+               should_cancel: Callable[[], bool], images: Sequence[Any] = ()) -> Job:
+        """A trajectory, or an edit of `images[0]` (params.edit)."""
+        program, pages = prepare_any(self.engine, params, images)
+        return self.scheduler.submit(program, pages, on_event, should_cancel)
+
+    def submit_understanding(self, params: UnderstandingParams, images: Sequence[Any],
+                             on_event: Callable[[EngineEvent], None], should_cancel: Callable[[], bool]) -> Job:
+        """An answer about `images` (irg_core.recipes); the job's result is an UnderstandingResult."""
+        program, pages = prepare_understanding(self.engine, params, images)
         return self.scheduler.submit(program, pages, on_event, should_cancel)
 
     def step(self) -> bool:

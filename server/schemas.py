@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclass_fields(Generati
 IMAGE_NAME_PATTERN = rf"^(draft|final|round-[1-{MAX_ROUNDS}])$"
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_SCHEMA = 100_000  # the deployment's own bound (IRG_MAX_PROMPT_CHARS) is checked after parsing
+MAX_IMAGE_B64 = 64 * 1024 * 1024  # the deployment's own bounds (IRG_MAX_IMAGE_BYTES ...) are checked after parsing
 
 # What each bounded field allows, named in 422 messages (keyed by the field's own name).
 ALLOWED: dict[str, str] = {
@@ -127,8 +128,14 @@ class GenerationOptions(Request):
 
 
 class GenerateRequest(GenerationOptions):
-    """`POST /v1/generations`."""
+    """`POST /v1/generations` (JSON, or multipart: a `request` part with this JSON plus `image` file parts)."""
 
+    task: Literal["generate", "understand"] = Field(
+        "generate", description="generate: an image (an edit when `images` holds one); understand: answer the "
+                                "prompt (a question) about `images`, streamed as answer.delta / answer.done")
+    images: list[Annotated[str, Field(max_length=MAX_IMAGE_B64)]] | None = Field(
+        None, max_length=16, description="input images: base64 PNG/JPEG/WebP or data:image/...;base64 URLs "
+                                         "(never fetched from the web); one to edit, one or more to understand")
     prompt: Prompt
     width: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16, description=(
         f"pixels (default: the model's, recipe {RECIPE.for_mode('irg').width}; capped by the server's largest side)"))
@@ -182,18 +189,29 @@ class DefaultsOut(BaseModel):
     modes: dict[str, ModeDefaultsOut]
 
 
+class InputImage(BaseModel):
+    format: str = Field(description="PNG, JPEG or WEBP")
+    width: int = Field(description="after the EXIF orientation")
+    height: int
+    bytes: int
+    sha256: str
+
+
 class ResolvedParams(BaseModel):
     """The parameters the job runs with, every default filled in; with the seed, the result is reproducible."""
 
     prompt: str
     mode: str
-    rounds: int = Field(description="image rounds (1 for think and direct)")
+    rounds: int = Field(description="image rounds (1 for think and direct, 0 for task understand)")
     width: int
     height: int
     steps: int
     seed: int
     thinking: ResolvedThinking
     guidance: list[ResolvedGuidance] = Field(description="one entry per image round")
+    task: Literal["generate", "understand"] = "generate"
+    edit: bool = Field(False, description="an edit of the input image: width/height follow it")
+    inputs: list[InputImage] = Field(default_factory=list, description="the input images, in order")
 
 
 class TextOut(BaseModel):
@@ -211,6 +229,12 @@ class ImageOut(BaseModel):
     url: str = Field(description="where the PNG is served")
     width: int
     height: int
+
+
+class AnswerOut(BaseModel):
+    text: str = Field(description="the answer so far")
+    done: bool
+    tokens: int = Field(0, description="tokens decoded (set when done)")
 
 
 class StageOut(BaseModel):
@@ -258,6 +282,7 @@ class JobPublic(BaseModel):
     cancel_requested: bool = False
     params: ResolvedParams
     texts: list[TextOut] = Field(default_factory=list)
+    answer: AnswerOut | None = Field(None, description="task understand: the answer")
     images: list[ImageOut] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
     usage: Usage | None = None

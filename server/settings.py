@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     max_steps: int = Field(MAX_STEPS, ge=2, le=MAX_STEPS, description="most denoising timesteps")
     max_think_tokens: int = Field(MAX_THINK_TOKENS, ge=1, le=MAX_THINK_TOKENS, description="longest thought")
     max_images: int = Field(4, ge=1, le=10, description="most images (`n`) per OpenAI-style request")
+    max_upload_bytes: int = Field(24 * 1024 * 1024, ge=1024, description="largest request body on the routes that "
+                                  "take input images (/v1/generations, /v1/images/edits, /v1/chat/completions)")
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest input image file")
+    max_image_pixels: int = Field(40_000_000, ge=256, description="most pixels of an input image (checked from "
+                                  "its header, before decoding)")
+    max_image_side: int = Field(8192, ge=16, description="longest side of an input image")
+    max_input_images: int = Field(4, ge=1, le=16, description="most input images per request (understanding)")
 
     # timeouts and lifetimes
     wait_timeout_s: float = Field(300.0, gt=0, description="how long `wait: true` blocks at most")

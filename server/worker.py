@@ -29,7 +29,7 @@ from irg_core.errors import Cancelled
 from irg_core.params import GenerationParams, ParamError, TrajectoryResult
 from server import metrics
 from server.events import CANCELLED, COMPLETED, FAILED
-from server.jobs import JobRecord, generation_params, job_public
+from server.jobs import JobRecord, generation_params, input_images, job_public, understanding_params
 from server.publish import Publisher
 from server.queue.base import Claim, LeaseLost, WorkerInfo, WorkerQueue
 from server.settings import Settings
@@ -55,8 +55,13 @@ class Runner(Protocol):
     device: str
     model: str
 
-    def submit(self, params: GenerationParams, on_event: Any, should_cancel: Callable[[], bool]) -> Handle:
-        """Queue a trajectory (raises ParamError for parameters it cannot run)."""
+    def submit(self, params: GenerationParams, on_event: Any, should_cancel: Callable[[], bool],
+               images: list[Any] = ...) -> Handle:
+        """Queue a trajectory, or an edit of `images[0]` (raises ParamError for parameters it cannot run)."""
+
+    def submit_understanding(self, params: Any, images: list[Any], on_event: Any,
+                             should_cancel: Callable[[], bool]) -> Handle:
+        """Queue an answer about `images` (its result: irg_core.recipes.UnderstandingResult)."""
 
     def step(self) -> bool:
         """Advance every submitted job by one unit of work; False when there was nothing to do."""
@@ -78,6 +83,7 @@ class _Running:
     next_renew: float
     publisher: Publisher | None = None
     handle: Any = None
+    understand: bool = False  # task understand: the result is an UnderstandingResult
     cancel: bool = False
     lost: bool = False
     handback: bool = False
@@ -244,8 +250,17 @@ class Worker:
             assert self.runner is not None
             running.publisher = Publisher(self.q, claim)
             sink = self._sink(running)
-            running.handle = self.runner.submit(generation_params(job.params), sink,
-                                                lambda: running.why_stop() is not None or self.handback.is_set())
+
+            def stop() -> bool:
+                return running.why_stop() is not None or self.handback.is_set()
+
+            if job.params.get("task") == "understand":  # an answer about the input images
+                running.understand = True
+                running.handle = self.runner.submit_understanding(understanding_params(job.params),
+                                                                  input_images(job), sink, stop)
+            else:  # a trajectory, or an edit of its input image
+                extra = {"images": input_images(job)} if job.inputs else {}
+                running.handle = self.runner.submit(generation_params(job.params), sink, stop, **extra)
         except Exception as e:  # bad parameters or the worker's own bookkeeping: the job fails alone
             self._end(running, FAILED, running.publisher.record() if running.publisher else job,
                       error=_failure(job, e))
@@ -283,8 +298,12 @@ class Worker:
         assert self.runner is not None and running.publisher is not None
         handle, publisher, job = running.handle, running.publisher, running.claim.job
         if handle.status == "done":
-            result: TrajectoryResult = handle.result
-            usage = self.runner.usage(generation_params(job.params), result)
+            result = handle.result
+            if running.understand:
+                usage = {"prompt_tokens": result.context_length, "text_tokens": len(result.token_ids),
+                         "image_tokens": 0}
+            else:
+                usage = self.runner.usage(generation_params(job.params), result)
 
             def done() -> None:
                 final = publisher.record(timings={"run_seconds": result.total_seconds,
@@ -340,7 +359,7 @@ class Worker:
         claim = running.claim
         status = {COMPLETED: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}[event]
         final = replace(job, status=status, finished_at=time.time(), error=error, cancel=False)
-        names = ["status", "finished_at", "texts", "images", "timings", "usage", "error"]
+        names = ["status", "finished_at", "texts", "images", "timings", "usage", "error", "answer"]
         data: dict[str, Any] = {"job_id": job.id}
         if event == COMPLETED:
             data.update(job_public(final).model_dump(mode="json"))

@@ -15,12 +15,13 @@ from starlette.routing import Match
 
 from server import metrics
 from server.api.body import unreadable_body, whole_body_error
+from server.inputs import ImageInputError
 from server.jobs import RequestError
 from server.queue.base import QueueFull, QueueUnavailable
 from server.schemas import ALLOWED
 
 log = logging.getLogger(__name__)
-OPENAI_PREFIX = "/v1/images/"
+OPENAI_PREFIX = ("/v1/images/", "/v1/chat/")
 STATUS_CODES = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 406: "not_acceptable", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
                 429: "queue_full", 503: "unavailable"}
@@ -95,6 +96,12 @@ def install(app: FastAPI) -> None:
     async def _limit(request: Request, exc: RequestError) -> JSONResponse:
         status = 400 if request.url.path.startswith(OPENAI_PREFIX) else 422
         return error_response(request.url.path, status, "invalid_request", str(exc), exc.field)
+
+    @app.exception_handler(ImageInputError)
+    async def _image(request: Request, exc: ImageInputError) -> JSONResponse:
+        code = "image_too_large" if exc.status == 413 else "invalid_image"
+        status = 400 if exc.status == 422 and request.url.path.startswith(OPENAI_PREFIX) else exc.status
+        return error_response(request.url.path, status, code, exc.message, exc.field or "images")
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:

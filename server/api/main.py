@@ -17,9 +17,10 @@ from server import metrics
 from server.api import errors
 from server.api.http_metrics import HttpMetrics
 from server.api.limits import BodyLimit
+from server.api.routes import chat, docs, generations, health, openai_edits, openai_images, web
 from server.api.routes import defaults as defaults_route
-from server.api.routes import docs, generations, health, openai_images, web
 from server.api.streams import remember_transport
+from server.api.uploads import UPLOAD_PATHS, MultipartGenerations
 from server.defaults import serving_defaults
 from server.queue.base import JobQueue
 from server.settings import Settings, get_settings
@@ -95,9 +96,11 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
     app.state.metrics = metrics.Exposition("api", *(("worker",) if services else ()))
     app.state.serving_defaults = defaults
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MultipartGenerations)  # inside the body limit: a multipart upload becomes the JSON request
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes,
+                       upload_paths=UPLOAD_PATHS)
     # web last: `/{name}` must not shadow the API
-    routers = (generations, defaults_route, openai_images, health, docs, web)
+    routers = (generations, defaults_route, openai_images, openai_edits, chat, health, docs, web)
     # outermost: it counts the body limit's 413s too, under the route they were sent to
     app.add_middleware(HttpMetrics, routes=[route for module in routers for route in module.router.routes])
     for module in routers:

@@ -9,6 +9,7 @@ import sys
 
 COMMAND_MODULES = (
     "server.cli.generate",
+    "server.cli.understand",
     "server.cli.bench",
     "server.cli.serve",
     "server.cli.worker",

@@ -19,9 +19,11 @@ from server.defaults import serving_defaults
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="run one trajectory and write round-N.png + trajectory.json")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt, or with --image the edit instruction")
     add_model_options(p)
     add_generation_options(p)
+    p.add_argument("--image", type=Path, metavar="IN.png",
+                   help="edit this image (PNG, JPEG or WebP); the output size follows it, as in the official code")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
     p.add_argument("--save-tensors", action="store_true", help="also write tensors.safetensors (noise, latents)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,8 +34,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("irg", "think", "direct"), default="irg")
     p.add_argument("--rounds", type=int, default=2, help="image rounds of mode irg (>= 2)")
     model = "default: the model's serving default for the mode (see docs/server.md)"
-    p.add_argument("--width", type=int, default=None, help=f"pixels ({model}; recipe 1024)")
-    p.add_argument("--height", type=int, default=None, help=f"pixels ({model}; recipe 1024)")
+    p.add_argument("--width", type=int, default=None, help=f"pixels ({model}; recipe 1024; not with --image)")
+    p.add_argument("--height", type=int, default=None, help=f"pixels ({model}; recipe 1024; not with --image)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"timesteps as BAGEL counts them: 50 -> 49 evaluations ({model}; recipe 50)")
     p.add_argument("--seed", type=int, default=None, help="default: random (always reported)")
@@ -46,7 +48,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt-file", type=Path, help="system prompt (default: the mode's own)")
 
 
-def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
+def read_guidance(path: Path | None, edit: bool = False) -> tuple[RoundGuidance, ...]:
     if path is None:
         return ()
     try:
@@ -63,7 +65,7 @@ def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
         if unknown:
             raise CommandError(f"--guidance {path}: round {i + 1} has unknown keys {sorted(unknown)}")
         try:
-            g = round_guidance(i + 1, r)
+            g = round_guidance(i + 1, r, edit)
             if len(g.interval) != 2:
                 raise ValueError("interval needs two numbers")
             out.append(g)
@@ -86,6 +88,10 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     if args.system_prompt_file is not None:
         system = args.system_prompt_file.read_text("utf-8")
     seed = args.seed if args.seed is not None else secrets.randbits(31)
+    edit = getattr(args, "image", None) is not None
+    if edit and (args.width is not None or args.height is not None):
+        raise CommandError("--width/--height: an edit's output size follows the input image (the VAE transform's "
+                           "resize of it, as in the official code); leave them out with --image")
     d = model_defaults(args)
 
     def pick(value: Any, default: Any) -> Any:
@@ -96,7 +102,20 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
         height=pick(args.height, d.height), steps=pick(args.steps, d.steps), seed=seed,
         max_think_tokens=pick(args.max_think_tokens, d.max_think_tokens),
         temperature=pick(args.temperature, d.temperature),
-        guidance=read_guidance(args.guidance), system_prompt=system).resolved()
+        guidance=read_guidance(args.guidance, edit), system_prompt=system, edit=edit).resolved()
+
+def read_image(path: Path):  # -> PIL.Image.Image
+    """An input image file through the server's input rules (format, limits, EXIF, RGB as the official code)."""
+    from server.inputs import ImageInputError, decode_image
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CommandError(f"--image {path}: cannot read ({e.strerror or e})") from e
+    try:
+        return decode_image(data)
+    except ImageInputError as e:
+        raise CommandError(f"--image {path}: {e.message}") from e
 
 
 class Progress:
@@ -145,9 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
     params = params_from_args(args)
     show_weights_log()
+    images = [read_image(args.image)] if args.image is not None else []
     engine = open_engine(args)
     progress = Progress(not args.quiet, params.max_think_tokens)
-    result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors)
+    result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors, images=images)
     progress.close()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
 def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
     p = result.params
     return {
-        "prompt": p.prompt, "mode": p.mode, "seed": p.seed, "width": p.width, "height": p.height,
+        "prompt": p.prompt, "mode": p.mode, "edit": p.edit, "seed": p.seed, "width": p.width, "height": p.height,
         "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
         "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
                     "guidance": r.guidance.to_dict(), "truncated": r.truncated,

@@ -101,7 +101,8 @@ class MemoryQueue:
         with self._lock:
             self._purge()
             fields = self._jobs.get(job_id)
-            return JobRecord.from_fields(fields) if fields else None
+            # as the Redis backend: the API's view leaves out the input images' bytes (a claim carries them)
+            return JobRecord.from_fields({k: v for k, v in fields.items() if k != "inputs"}) if fields else None
 
     def _position(self, job_id: str) -> int | None:
         try:

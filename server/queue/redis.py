@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from server.events import StoredEvent
-from server.jobs import TERMINAL_STATUSES, JobRecord
+from server.jobs import API_FIELDS, TERMINAL_STATUSES, JobRecord
 from server.queue import lua
 from server.queue.base import Claim, LeaseLost, QueueFull, QueueUnavailable, WorkerInfo, attempts_exhausted
 from server.queue.durability import check_async
@@ -99,8 +99,11 @@ class RedisJobQueue:
 
     @_available
     async def get(self, job_id: str) -> JobRecord | None:
-        fields = await self.r.hgetall(self.k.job(job_id))
-        return JobRecord.from_fields(fields) if fields else None
+        """The job without its input images' bytes (`inputs`: a claim carries them to the worker)."""
+        values = await self.r.hmget(self.k.job(job_id), API_FIELDS)
+        if values[0] is None:  # no id: no such job
+            return None
+        return JobRecord.from_fields({k: v for k, v in zip(API_FIELDS, values, strict=True) if v is not None})
 
     @_available
     async def position(self, job_id: str) -> int | None:

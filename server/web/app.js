@@ -47,7 +47,8 @@ const problems = (list, summary) => showProblems(form, $("form-error"), list, su
 function setBusy(value) {
   busy = value;
   $("submit").disabled = busy || Date.now() < blockedUntil;
-  $("submit").textContent = busy ? "Generating…" : "Generate";
+  const label = $("submit").dataset.label ?? "Generate";
+  $("submit").textContent = busy ? (label === "Ask" ? "Asking…" : "Generating…") : label;
   $("cancel").disabled = !busy;
 }
 
@@ -147,8 +148,9 @@ function showFacts(job) {
   view.facts([
     ["Job", job.id],
     ["Seed", p.seed],
-    ["Size", p.width && `${p.width} × ${p.height}`],
-    ["Steps", p.steps],
+    ["Size", p.width ? `${p.width} × ${p.height}` : undefined],
+    ["Task", p.task === "understand" ? "question" : p.edit ? "edit" : undefined],
+    ["Steps", p.steps || undefined],
     ["Mode", p.mode && (p.mode === "irg" ? `irg, ${p.rounds} rounds` : p.mode)],
   ]);
 }
@@ -189,6 +191,15 @@ function onEvent(run, type, data, id) {
     case "image.done":
       loadImage(run, k, data);
       view.status(`The ${title(k)} is ready.`);
+      break;
+    case "answer.delta":
+      state.deltas.answer = (state.deltas.answer ?? "") + data.text;
+      view.appendAnswer(data.text);
+      view.status("Answering…");
+      break;
+    case "answer.done":
+      state.texts.answer = data.text;
+      if (!view.finishAnswer(data.text)) state.mismatches += 1;
       break;
     case "completed":
       finish(run, data.job ?? data);
@@ -238,6 +249,10 @@ function finish(run, job) {
     }
   }
   for (const image of job.images ?? []) loadImage(run, image.round, image);
+  if (job.answer && !("answer" in state.texts)) {
+    state.texts.answer = job.answer.text;
+    view.finishAnswer(job.answer.text);
+  }
   view.timings(job.timings);
   state.status = "succeeded";
   const total = job.timings?.run_seconds;
@@ -255,8 +270,18 @@ async function submit(event) {
     return;
   }
   sessionStorage.setItem(KEY_STORAGE, $("api_key").value.trim());
-  const rounds = body.mode === "irg" ? body.rounds : 1;
-  view.reset({ rounds, width: body.width, height: body.height, mode: body.mode });
+  const task = form.elements.task.value;
+  let input = null;
+  let size = { width: body.width, height: body.height };
+  if (task !== "generate") {
+    const file = form.elements.input_image.files[0];
+    const { b64, url, width, height } = await readImage(file);
+    body.images = [b64];
+    input = url;
+    size = editSize(width, height);
+  }
+  const rounds = task === "understand" ? 0 : body.mode === "irg" ? body.rounds : 1;
+  view.reset({ rounds, ...size, mode: body.mode, input, answer: task === "understand" });
   view.status("Submitting…");
   // The same Idempotency-Key makes a second POST (after a drop before the job was named) return the same job.
   const headers = { "Content-Type": "application/json", Accept: "text/event-stream", "Idempotency-Key": randomKey() };
@@ -271,6 +296,35 @@ async function submit(event) {
     return response;
   };
   await follow(post, null, body);
+}
+
+/** A picked file as base64 (what the API takes), a URL to show it, and its size. */
+function readImage(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onerror = () => reject(new Error(`Could not read ${file.name}.`));
+    reader.onload = () => {
+      const dataUrl = reader.result;
+      const image = new Image();
+      const b64 = dataUrl.slice(dataUrl.indexOf(",") + 1);
+      image.onload = () => resolve({ b64, url: dataUrl, width: image.naturalWidth, height: image.naturalHeight });
+      image.onerror = () => resolve({ b64, url: dataUrl, width: 1024, height: 1024 }); // the server will say why
+      image.src = dataUrl;
+    };
+    reader.readAsDataURL(file);
+  });
+}
+
+/** An edit's output size: BAGEL's VAE resize of the input (irg_core/sizes.py), for the cards' aspect ratio. */
+function editSize(width, height) {
+  const mk = (v) => Math.max(16, Math.round(v / 16) * 16);
+  let scale = Math.max(Math.min(1024 / Math.max(width, height), 1), 512 / Math.min(width, height));
+  let [w, h] = [mk(width * scale), mk(height * scale)];
+  if (Math.max(w, h) > 1024) {
+    scale = 1024 / Math.max(w, h);
+    [w, h] = [mk(w * scale), mk(h * scale)];
+  }
+  return { width: w, height: h };
 }
 
 function randomKey() {
@@ -300,7 +354,7 @@ async function attach(id) {
   try {
     const job = await getJSON(`${API}/${id}`);
     const p = job.params;
-    view.reset({ rounds: p.rounds, width: p.width, height: p.height, mode: p.mode });
+    view.reset({ rounds: p.rounds, width: p.width, height: p.height, mode: p.mode, answer: p.task === "understand" });
     await follow(null, id);
   } catch (err) {
     const { message, field } = describe(err);
@@ -365,11 +419,30 @@ async function loadDefaults() {
   }
 }
 
+const TASK_HINTS = {
+  generate: "Draw an image from a text prompt.",
+  edit: "Edit the picked image following an instruction; the output size follows the image (BAGEL's rule).",
+  understand: "Ask a question about the picked image; the answer streams in (Think: BAGEL's reasoning prompt).",
+};
+
 function syncMode() {
+  const task = form.elements.task.value;
   const mode = form.elements.mode.value;
-  form.elements.rounds.disabled = mode !== "irg";
-  form.elements.max_tokens.disabled = form.elements.temperature.disabled = mode === "direct";
-  $("mode-hint").textContent = MODE_HINTS[mode];
+  const asking = task === "understand";
+  form.elements.mode.querySelector('option[value="irg"]').disabled = asking;
+  if (asking && mode === "irg") form.elements.mode.value = "direct";
+  const now = form.elements.mode.value;
+  form.elements.rounds.disabled = now !== "irg";
+  form.elements.max_tokens.disabled = form.elements.temperature.disabled = now === "direct" && !asking;
+  form.elements.width.disabled = form.elements.height.disabled = task !== "generate";
+  form.elements.steps.disabled = asking;
+  $("image-field").hidden = task === "generate";
+  $("prompt-label").textContent = { generate: "Prompt", edit: "Instruction", understand: "Question" }[task];
+  $("task-hint").textContent = TASK_HINTS[task];
+  form.querySelector('label[for="max_tokens"]').textContent = asking ? "Answer tokens" : "Thinking tokens";
+  $("submit").dataset.label = asking ? "Ask" : "Generate";
+  if (!busy) $("submit").textContent = $("submit").dataset.label;
+  $("mode-hint").textContent = asking ? "" : MODE_HINTS[now];
   applyDefaults();
 }
 
@@ -379,6 +452,7 @@ for (const name of Object.keys(DEFAULT_FIELDS)) {
 
 form.addEventListener("submit", submit);
 form.elements.mode.addEventListener("change", syncMode);
+form.elements.task.addEventListener("change", syncMode);
 $("cancel").addEventListener("click", cancel);
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) form.requestSubmit();

@@ -7,6 +7,7 @@ const LIMITS = { side: 1024, steps: 200, tokens: 4096, rounds: 8 }; // API.md's 
 const LABELS = {
   prompt: "Prompt", mode: "Mode", rounds: "Image rounds", width: "Width", height: "Height", steps: "Denoising steps",
   seed: "Seed", max_tokens: "Thinking tokens", temperature: "Temperature", api_key: "API key",
+  input_image: "Image", images: "Image", task: "Task",
 };
 
 /** The request body in `form`, and the problems that keep it from being sent (none unless `validate`). */
@@ -25,21 +26,33 @@ export function readForm(form, validate = true) {
     return value;
   };
   const prompt = form.elements.prompt.value;
-  if (validate && !prompt.trim()) problems.push(["prompt", "Type a prompt first."]);
+  const task = raw("task") || "generate";
+  const what = { generate: "a prompt", edit: "an instruction", understand: "a question" }[task];
+  if (validate && !prompt.trim()) problems.push(["prompt", `Type ${what} first.`]);
+  if (validate && task !== "generate" && !form.elements.input_image.files?.length) {
+    problems.push(["input_image", "Pick an image first (PNG, JPEG or WebP)."]);
+  }
   const mode = raw("mode");
   const body = {
     prompt,
     mode,
-    width: number("width", 16, LIMITS.side, { multiple: 16 }),
-    height: number("height", 16, LIMITS.side, { multiple: 16 }),
-    steps: number("steps", 2, LIMITS.steps),
     thinking: {
       max_tokens: number("max_tokens", 1, LIMITS.tokens),
       temperature: number("temperature", 0, 10, { integer: false }),
     },
     stream: true,
   };
-  if (mode === "irg") body.rounds = number("rounds", 2, LIMITS.rounds);
+  if (task === "generate") {
+    body.width = number("width", 16, LIMITS.side, { multiple: 16 });
+    body.height = number("height", 16, LIMITS.side, { multiple: 16 });
+  }
+  if (task === "understand") {
+    body.task = "understand";
+    if (mode === "irg") body.mode = "direct";
+  } else {
+    body.steps = number("steps", 2, LIMITS.steps);
+  }
+  if (body.mode === "irg") body.rounds = number("rounds", 2, LIMITS.rounds);
   const seed = number("seed", 0, Number.MAX_SAFE_INTEGER, { optional: true });
   if (seed !== undefined) body.seed = seed;
   return { body, problems };
@@ -69,7 +82,8 @@ export function describe(err, keySent = false) {
   }
   const info = err.body?.error ?? {};
   const detail = info.message ?? (typeof err.body?.detail === "string" ? err.body.detail : null);
-  const field = info.field ? info.field.split(".").pop() : null;
+  let field = info.field ? info.field.split(".").pop().replace(/\[\d+\]$/, "") : null;
+  if (field === "images") field = "input_image";
   switch (err.status) {
     case 401:
     case 403: {
@@ -79,6 +93,9 @@ export function describe(err, keySent = false) {
     }
     case 404:
       return { message: "The server does not know this job (it may have expired)." };
+    case 413:
+      return { message: `The server refused the request: ${detail ?? "it is too large"}.`,
+               field: field ?? "input_image" };
     case 422: {
       // The server's message starts with the field's path ("width: must be ..."): name it as the form does.
       let what = detail ?? `${info.field ?? "the request"} is not valid`;

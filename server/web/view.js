@@ -8,6 +8,7 @@ const STAGE_NAMES = {
   image: "Denoising",
   decode: "VAE decode",
   reencode: "Re-encode image",
+  answer: "Answer",
 };
 
 const seconds = (s) => (s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`);
@@ -32,18 +33,49 @@ export class TrajectoryView {
     this.blobUrls = [];
   }
 
-  /** Start over for a job of `rounds` images of width x height; `mode` direct has no text. */
-  reset({ rounds, width, height, mode }) {
+  /** Start over for a job of `rounds` images of width x height; `mode` direct has no text. `input`: a URL of
+   * the input image (an edit or a question), shown first; `answer`: a question, whose answer streams in. */
+  reset({ rounds, width, height, mode, input = null, answer = false }) {
     this.blobUrls.forEach((url) => URL.revokeObjectURL(url));
     this.blobUrls = [];
     this.cards.clear();
     this.roundsEl.replaceChildren();
     Object.assign(this, { rounds, width, height, mode });
-    this.roundsEl.dataset.count = rounds;
+    this.answerEl = null;
+    this.roundsEl.dataset.count = rounds + (input ? 1 : 0) + (answer ? 1 : 0);
+    this.roundsEl.classList.toggle("with-input", Boolean(input));
+    if (input) {
+      const el = this.doc.getElementById("input-template").content.firstElementChild.cloneNode(true);
+      el.querySelector("img").src = input;
+      this.roundsEl.append(el);
+    }
+    if (answer) {
+      const el = this.doc.getElementById("answer-template").content.firstElementChild.cloneNode(true);
+      this.answerEl = el.querySelector(".answer-text");
+      this.answerState = el.querySelector(".round-state");
+      this.answerState.textContent = "Waiting…";
+      this.roundsEl.append(el);
+    }
     for (let k = 1; k <= rounds; k++) this.card(k);
     this.timingsEl.hidden = true;
     this.error(null);
     this.factsEl.replaceChildren();
+  }
+
+  /** A piece of the streamed answer. */
+  appendAnswer(piece) {
+    if (!this.answerEl) return;
+    this.answerEl.textContent += piece;
+    this.answerState.textContent = "Answering…";
+  }
+
+  /** The whole answer; false when it differs from what streamed in. */
+  finishAnswer(whole) {
+    if (!this.answerEl) return true;
+    const same = this.answerEl.textContent === whole;
+    this.answerEl.textContent = whole;
+    this.answerState.textContent = "Done";
+    return same;
   }
 
   card(k) {

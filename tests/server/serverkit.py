@@ -83,7 +83,8 @@ class FakeRunner:
     def __init__(self, fail: BaseException | None = None, step_s: float = 0.0):
         self.fail, self.step_s = fail, step_s
 
-    def run(self, params: GenerationParams, on_event: Any, should_cancel: Any) -> TrajectoryResult:
+    def run(self, params: GenerationParams, on_event: Any, should_cancel: Any, images: Any = ()) -> TrajectoryResult:
+        assert bool(images) == params.edit  # an edit comes with its input image, nothing else does
         params = params.resolved()
         params.validate(max_side=1024)
         if self.fail is not None:
@@ -104,13 +105,19 @@ class FakeRunner:
                                                 "width": params.width, "height": params.height}, image=image))
         return TrajectoryResult(params, stages=[StageTiming("image", 1, 0.001, steps=2)], total_seconds=0.002)
 
-    def submit(self, params: GenerationParams, on_event: Any, should_cancel: Any) -> FakeHandle:
+    def submit(self, params: GenerationParams, on_event: Any, should_cancel: Any, images: Any = ()) -> FakeHandle:
         """The worker's interface: each job runs `run` on a thread of its own (the real runner ticks a scheduler)."""
+        return self._thread(lambda: self.run(params, on_event, should_cancel, images=images))
+
+    def submit_understanding(self, params: Any, images: Any, on_event: Any, should_cancel: Any) -> FakeHandle:
+        return self._thread(lambda: self.understand(params, images, on_event, should_cancel))
+
+    def _thread(self, work: Callable[[], Any]) -> FakeHandle:
         handle = FakeHandle()
 
         def go() -> None:
             try:
-                handle.result, handle.status = self.run(params, on_event, should_cancel), "done"
+                handle.result, handle.status = work(), "done"
             except Cancelled as e:
                 handle.error, handle.status = e, "cancelled"
             except Exception as e:
@@ -128,6 +135,25 @@ class FakeRunner:
 
     def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]:
         return {"prompt_tokens": 1, "text_tokens": 2, "image_tokens": 3}
+
+    def understand(self, params: Any, images: Any, on_event: Any, should_cancel: Any) -> Any:
+        """An answer of `max_tokens` words, one answer.delta each, naming how many images it saw."""
+        from irg_core.recipes import UnderstandingResult
+
+        params.validate()
+        if self.fail is not None:
+            raise self.fail
+        words = [f" w{i}" for i in range(params.max_tokens)]
+        words[0] = f" {len(images)}img"
+        for w in words:
+            if should_cancel():
+                raise Cancelled()
+            time.sleep(self.step_s)
+            on_event(EngineEvent("answer.delta", {"text": w}))
+        on_event(EngineEvent("answer.done", {"text": "".join(words), "tokens": len(words)}))
+        return UnderstandingResult(params, token_ids=list(range(len(words))), text="".join(words),
+                                   stages=[StageTiming("answer", 0, 0.001, tokens=len(words))], total_seconds=0.002,
+                                   context_length=10)
 
     def memory(self) -> dict[str, int]:
         return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from server.api.deps import DefaultsDep, JobDep, OwnerDep, QueueDep, SettingsDep
 from server.api.errors import BODY_ERRORS, ApiError
 from server.api.streams import event_response, sse_content, wait_for_end
 from server.events import ENGINE_EVENTS, QUEUED, STARTED, TERMINAL_EVENTS, valid_event_id
-from server.jobs import build_params, image_round, job_path, job_public, new_job
+from server.jobs import build_params, check_input_images, image_round, job_path, job_public, new_job
 from server.schemas import IMAGE_NAME_PATTERN, ErrorResponse, GenerateRequest, JobPublic
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], dependencies=[Depends(get_owner)])
@@ -37,7 +38,8 @@ def _idempotent_id(owner: str, key: str) -> str:
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a prompt",
              dependencies=[Depends(require_json)], responses={
     200: {"model": JobPublic, "content": SSE, "description": "`stream`: the event stream; `wait`: the ended job"},
-    401: ERRORS[401], 422: {"model": ErrorResponse, "description": "invalid parameters (nothing is queued)"},
+    401: ERRORS[401], 422: {"model": ErrorResponse, "description": "invalid parameters or input image (nothing is "
+                                                                   "queued)"},
     409: {"model": ErrorResponse, "description": "the Idempotency-Key was used before with a different body"},
     429: {"model": ErrorResponse, "description": "the queue is full; see Retry-After"},
     503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}, **BODY_ERRORS})
@@ -48,8 +50,10 @@ async def create_generation(
         "the same key and body again returns the job it created instead of queueing a new one; the same key "
         "with a different body is a 409"))] = None,
 ) -> Response:
-    params = build_params(body, body.prompt, body.width, body.height, settings, defaults)
-    job = new_job(params, owner, body.image_b64, _idempotent_id(owner, idempotency_key) if idempotency_key else None)
+    inputs = await asyncio.to_thread(check_input_images, body.images, settings) if body.images else None
+    params = build_params(body, body.prompt, body.width, body.height, settings, defaults, inputs, body.task)
+    job = new_job(params, owner, body.image_b64, _idempotent_id(owner, idempotency_key) if idempotency_key else None,
+                  inputs)
     if idempotency_key:
         job.options[idempotency.OPTION] = idempotency.fingerprint(body)
     job, position, created = await queue.submit(job)

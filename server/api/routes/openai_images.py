@@ -133,7 +133,9 @@ async def _collect(queue: JobQueue, jobs: list[JobRecord], body: ImageGeneration
     return JSONResponse(response.model_dump(mode="json", exclude_none=True))
 
 
-async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int) -> AsyncIterator[ServerSentEvent]:
+async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int,
+                  prefix: str = "image_generation") -> AsyncIterator[ServerSentEvent]:
+    """OpenAI's image stream: `{prefix}.partial_image` per draft (at most `limit`), then `{prefix}.completed`."""
     common = {"background": "opaque", "output_format": output.format, "quality": "auto", "size": output.size}
     index = 0
     async for event in (e async for batch in follow(queue, job_id) for e in batch):
@@ -141,14 +143,14 @@ async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int) -> A
         if event.type == "image.done" and data["kind"] == "draft" and index < limit:
             png = await queue.get_image(job_id, data["round"])
             if png is not None:
-                kind = "image_generation.partial_image"
+                kind = f"{prefix}.partial_image"
                 payload = {"type": kind, "b64_json": output.encode(png), "created_at": int(time.time()),
                            "partial_image_index": index, **common}
                 index += 1
                 yield ServerSentEvent(data=json.dumps(payload), event=kind)
         elif event.type == COMPLETED:
             png = await queue.get_image(job_id, data["params"]["rounds"])
-            kind = "image_generation.completed"
+            kind = f"{prefix}.completed"
             payload = {"type": kind, "b64_json": output.encode(png or b""), "created_at": int(time.time()),
                        "usage": _usage(data.get("usage")), **common}
             yield ServerSentEvent(data=json.dumps(payload), event=kind)

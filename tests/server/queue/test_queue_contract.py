@@ -224,3 +224,30 @@ async def test_the_in_process_queue_keeps_a_bounded_number_of_finished_jobs(sett
         done.append(job.id)
     await q.submit(pair.job())
     assert [await q.get(j) is not None for j in done] == [False, True, True]
+
+
+async def test_input_images_travel_with_the_job_to_every_attempt(q: Pair) -> None:
+    """An edit's input bytes are stored with the job: the worker of each attempt decodes the very same image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from server.jobs import check_input_images, input_images
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(24 * 40 * 3, dtype=np.uint8).reshape(24, 40, 3)).save(buf, "PNG")
+    inputs = check_input_images([buf.getvalue()], q.s)
+    req = GenerateRequest(prompt="make it red", mode="direct", steps=4)
+    job = new_job(build_params(req, req.prompt, None, None, q.s, inputs), "", False, None, inputs)
+    assert (job.params["width"], job.params["height"]) == (848, 512) and job.params["edit"]
+    await q.api.submit(job)
+    first = await q.claim("w1")
+    assert first is not None and first.job.inputs == job.inputs and first.job.params == job.params
+    await asyncio.sleep(0.6)  # the lease (0.4 s) runs out: the job goes back to the queue
+    await asyncio.to_thread(q.worker.recover)
+    second = await q.claim("w2")
+    assert second is not None and second.attempt == 2 and second.job.inputs == job.inputs
+    (image,) = input_images(second.job)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(buf.getvalue()))))
+    assert (await q.api.get(job.id)).inputs == []  # the API's view leaves the bytes out: only claims carry them
