@@ -42,8 +42,14 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {"IRG_LEASE_S": "2", "IRG_HEARTBEAT_S": "0.5", "IRG_CANCEL_POLL_S": "0.1", "IRG_QUEUE_MAX": "1000",
-       "OMP_NUM_THREADS": "1", "IRG_SSE_PING_S": "2"}
+ENV = {
+    "IRG_LEASE_S": "2",
+    "IRG_HEARTBEAT_S": "0.5",
+    "IRG_CANCEL_POLL_S": "0.1",
+    "IRG_QUEUE_MAX": "1000",
+    "OMP_NUM_THREADS": "1",
+    "IRG_SSE_PING_S": "2",
+}
 JOB = {"mode": "think", "width": 64, "height": 64, "steps": 8, "thinking": {"max_tokens": 16}}  # ~1 s on a CPU
 TERMINAL = ("completed", "failed", "cancelled")
 OUTAGE_GRACE_S = 5.0  # 5xx are allowed from Redis's stop until this long after it answers again
@@ -98,9 +104,26 @@ class RedisServer:
 
     def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                                      "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                                      "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         import redis
 
         def pings() -> bool:
@@ -127,8 +150,9 @@ class Processes:
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         self.procs[name] = proc
         return proc
 
@@ -296,8 +320,11 @@ class Chaos:
             for i in range(2):
                 procs.worker(f"w{i + 1}")
             with httpx.Client(base_url=base, timeout=30) as c:
-                wait_for(lambda: c.get("/readyz").status_code == 200 and c.get("/readyz").json()["workers"] == 2,
-                         self.cfg.start_timeout, "the API with two ready workers")
+                wait_for(
+                    lambda: c.get("/readyz").status_code == 200 and c.get("/readyz").json()["workers"] == 2,
+                    self.cfg.start_timeout,
+                    "the API with two ready workers",
+                )
                 self.figures.api_rss_start_mb = self.peak = rss_mb(api.pid)
                 sampler = threading.Thread(target=self._sample, args=(api.pid,), daemon=True)
                 sampler.start()
@@ -443,9 +470,11 @@ class Chaos:
                 f.problems.append(f"{job_id}: {status}")
             full = self._full_log(c, job_id)
             f.streams_checked += 1
-            problem = log_problem(full) or (None if reader.events == full else
-                                            f"read {len(reader.events)} events over {reader.connections} "
-                                            f"connections, the log has {len(full)}")
+            problem = log_problem(full) or (
+                None
+                if reader.events == full
+                else f"read {len(reader.events)} events over {reader.connections} connections, the log has {len(full)}"
+            )
             if problem:
                 f.problems.append(f"{job_id}: {problem}")
             else:
@@ -508,9 +537,15 @@ def main(argv: list[str] | None = None) -> int:
     figures = Chaos(cfg).run()
     say(figures.table())
     growth = figures.api_rss_peak_mb - figures.api_rss_start_mb
-    ok = (figures.worker_kills >= 1 and figures.redis_restarts == 1 and figures.lost == 0
-          and figures.streams_exact == figures.streams_checked and not figures.problems
-          and figures.http_5xx_outside_outage == 0 and growth <= cfg.max_rss_growth_mb)
+    ok = (
+        figures.worker_kills >= 1
+        and figures.redis_restarts == 1
+        and figures.lost == 0
+        and figures.streams_exact == figures.streams_checked
+        and not figures.problems
+        and figures.http_5xx_outside_outage == 0
+        and growth <= cfg.max_rss_growth_mb
+    )
     for problem in figures.problems[:20]:
         say("problem:", problem)
     say("OK" if ok else "FAILED", f"(logs in {cfg.workdir})")

@@ -35,8 +35,12 @@ def _backoff() -> ExponentialBackoff:
 
 
 def _common() -> dict[str, Any]:
-    return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S,
-            "health_check_interval": HEALTH_CHECK_S, "socket_keepalive": True}
+    return {
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "health_check_interval": HEALTH_CHECK_S,
+        "socket_keepalive": True,
+    }
 
 
 def async_client_options() -> dict[str, Any]:

@@ -48,8 +48,9 @@ class ApiProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ApiProcess:
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
         wait_until(self._answers, timeout=30)
         return self
 

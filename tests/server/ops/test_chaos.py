@@ -11,9 +11,25 @@ from benchmarks.chaos import Chaos, parse_args
 
 
 def test_chaos_nothing_lost(demo_dir: Path, tmp_path: Path) -> None:
-    cfg = parse_args(["--duration", "36", "--submit-every", "0.8", "--cancel-share", "0.25", "--no-replace",
-                      "--model-dir", str(demo_dir), "--start-timeout", "120", "--settle-timeout", "60",
-                      "--workdir", str(tmp_path)])
+    cfg = parse_args(
+        [
+            "--duration",
+            "36",
+            "--submit-every",
+            "0.8",
+            "--cancel-share",
+            "0.25",
+            "--no-replace",
+            "--model-dir",
+            str(demo_dir),
+            "--start-timeout",
+            "120",
+            "--settle-timeout",
+            "60",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     f = Chaos(cfg).run()
     print("\n" + f.table())
     assert f.accepted >= 20

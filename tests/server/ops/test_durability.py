@@ -23,8 +23,24 @@ def volatile_redis(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test with no persistence at all (neither AOF nor snapshots)."""
     port = free_port()
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-                             "--appendonly", "no", "--save", "", "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp_path),
+            "--appendonly",
+            "no",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     try:
         wait_until(lambda: _pings(url), timeout=10)
@@ -54,11 +70,18 @@ def test_api_and_worker_warn_when_redis_has_no_persistence(volatile_redis: str, 
         assert metric(page, 'irg_redis_persistence{mode="aof"}') == 0
     finally:
         api.stop()
-    assert f"WARNING server.queue.durability api: Redis has no persistence: {NO_PERSISTENCE}" in \
-        (tmp_path / "api.log").read_text()
+    assert (
+        f"WARNING server.queue.durability api: Redis has no persistence: {NO_PERSISTENCE}"
+        in (tmp_path / "api.log").read_text()
+    )
     # a worker says it before it loads its model (here one that does not exist, so it stops right after)
-    worker = subprocess.run(python_cmd("worker", "--redis", volatile_redis, "--model-dir", str(tmp_path / "none")),
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    worker = subprocess.run(
+        python_cmd("worker", "--redis", volatile_redis, "--model-dir", str(tmp_path / "none")),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert f"worker: Redis has no persistence: {NO_PERSISTENCE}" in worker.stderr, worker.stderr[-2000:]
 
 

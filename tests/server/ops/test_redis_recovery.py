@@ -73,8 +73,9 @@ class Reader:
             headers = {"Last-Event-ID": last} if last else {}
             self.connections += 1
             try:
-                with httpx.stream("GET", f"{self.base}/v1/generations/{self.job_id}/events", headers=headers,
-                                  timeout=30) as r:
+                with httpx.stream(
+                    "GET", f"{self.base}/v1/generations/{self.job_id}/events", headers=headers, timeout=30
+                ) as r:
                     if r.status_code != 200:
                         self.errors.append(f"{self.job_id}: {r.status_code} {r.read()[:200]!r}")
                         return
@@ -96,8 +97,11 @@ class Reader:
         self.errors.append(f"{self.job_id}: no terminal event")
 
 
-def test_redis_restart_no_5xx_after_it_is_back(redis_settings: Settings, own_redis: OwnRedis,  # noqa: F811
-                                              tmp_path: Path) -> None:
+def test_redis_restart_no_5xx_after_it_is_back(
+    redis_settings: Settings,
+    own_redis: OwnRedis,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     s = redis_settings.model_copy(update={"redis_url": own_redis.url, "heartbeat_s": 0.5, "lease_s": 60.0})
     api = ApiProcess(own_redis.url, s.redis_prefix, tmp_path / "api.log", IRG_QUEUE_MAX="10000").start()
     worker = FakeWorker(s)
@@ -117,8 +121,11 @@ def test_redis_restart_no_5xx_after_it_is_back(redis_settings: Settings, own_red
             wait_until(lambda: all(len(r.seen) >= 2 + DELTAS // 2 for r in readers), timeout=20)
 
             own_redis.stop()
-            down = [c.get("/readyz"), c.get(f"/v1/generations/{ids[0]}"),
-                    c.post("/v1/generations", json={"prompt": "while down", **TINY})]
+            down = [
+                c.get("/readyz"),
+                c.get(f"/v1/generations/{ids[0]}"),
+                c.post("/v1/generations", json={"prompt": "while down", **TINY}),
+            ]
             assert [r.status_code for r in down] == [503] * 3
             for r in down:  # nothing about where Redis is
                 assert str(own_redis.port) not in r.text and "127.0.0.1" not in r.text, r.text
@@ -129,9 +136,13 @@ def test_redis_restart_no_5xx_after_it_is_back(redis_settings: Settings, own_red
 
             def request(i: int) -> tuple[str, int]:
                 job = ids[i % JOBS]
-                calls = [("GET", "/readyz", None), ("GET", f"/v1/generations/{job}", None),
-                         ("POST", "/v1/generations", {"prompt": f"more {i}", **TINY}),
-                         ("GET", f"/v1/generations/{job}/images/final", None), ("GET", "/metrics", None)]
+                calls = [
+                    ("GET", "/readyz", None),
+                    ("GET", f"/v1/generations/{job}", None),
+                    ("POST", "/v1/generations", {"prompt": f"more {i}", **TINY}),
+                    ("GET", f"/v1/generations/{job}/images/final", None),
+                    ("GET", "/metrics", None),
+                ]
                 method, path, body = calls[i % len(calls)]
                 try:
                     r = shared.request(method, path, json=body)
@@ -161,14 +172,20 @@ def test_redis_restart_no_5xx_after_it_is_back(redis_settings: Settings, own_red
         assert set(readyz) == {200}, readyz
         errors = [e for r in readers for e in r.errors]
         assert not errors, errors[:5]
-        expected = [("queued", None), ("started", None), *(("thinking.delta", f"t{i}") for i in range(DELTAS)),
-                    ("completed", None)]
+        expected = [
+            ("queued", None),
+            ("started", None),
+            *(("thinking.delta", f"t{i}") for i in range(DELTAS)),
+            ("completed", None),
+        ]
         for r in readers:
             assert [(e["event"], json.loads(e["data"]).get("text")) for e in r.seen] == expected, r.job_id
             assert len({e["id"] for e in r.seen}) == len(r.seen)
         assert [r.connections for r in resumed] == [2] * JOBS and [r.connections for r in held] == [1] * KEPT
-        print(f"\nfrom {GRACE_S:.0f} s after Redis was back: 500 requests in {took:.1f} s and {JOBS} resumed streams "
-              f"without a 5xx; {KEPT} streams held open across the restart")
+        print(
+            f"\nfrom {GRACE_S:.0f} s after Redis was back: 500 requests in {took:.1f} s and {JOBS} resumed streams "
+            f"without a 5xx; {KEPT} streams held open across the restart"
+        )
     finally:
         go.set()
         worker.close()

@@ -41,8 +41,19 @@ def finished_job(settings: Settings) -> tuple[str, int]:
     for i in range(1500):
         wq.emit(claim, "thinking.delta", {"job_id": job.id, "round": 1, "text": f"{i:05d} " + "x" * 2000})
     for k in range(1, 5):
-        wq.emit(claim, "image.done", {"job_id": job.id, "round": k, "kind": "draft", "width": 64, "height": 64,
-                                      "url": "/x", "b64": "A" * IMAGE_B64})
+        wq.emit(
+            claim,
+            "image.done",
+            {
+                "job_id": job.id,
+                "round": k,
+                "kind": "draft",
+                "width": 64,
+                "height": 64,
+                "url": "/x",
+                "b64": "A" * IMAGE_B64,
+            },
+        )
     wq.finish(claim, "completed", {"job_id": job.id}, {"status": "succeeded"})
     wq.close()
     return job.id, 1 + 1 + 1500 + 4 + 1  # queued, started, deltas, images, completed
@@ -56,12 +67,16 @@ def stuck_client(port: int, path: str) -> socket.socket:
     return s
 
 
-def test_clients_that_never_read_are_dropped_and_memory_stays_bounded(redis_settings: Settings,
-                                                                     tmp_path: Path) -> None:
+def test_clients_that_never_read_are_dropped_and_memory_stays_bounded(redis_settings: Settings, tmp_path: Path) -> None:
     job_id, n_events = finished_job(redis_settings)
     path = f"/v1/generations/{job_id}/events"
-    api = ApiProcess(str(redis_settings.redis_url), redis_settings.redis_prefix, tmp_path / "api.log",
-                     IRG_SSE_SEND_TIMEOUT_S=str(SEND_TIMEOUT_S), IRG_SSE_PING_S="1").start()
+    api = ApiProcess(
+        str(redis_settings.redis_url),
+        redis_settings.redis_prefix,
+        tmp_path / "api.log",
+        IRG_SSE_SEND_TIMEOUT_S=str(SEND_TIMEOUT_S),
+        IRG_SSE_PING_S="1",
+    ).start()
     try:
         with api.client() as c:
             assert len(read_stream(c, "GET", path)) == n_events  # a first reader (the fanout loads the job)
@@ -71,8 +86,9 @@ def test_clients_that_never_read_are_dropped_and_memory_stays_bounded(redis_sett
             wait_until(lambda: metric(c.get("/metrics").text, "irg_open_streams") >= STUCK, timeout=10)
             events = read_stream(c, "GET", path)  # a normal client meanwhile
             assert len(events) == n_events and events[-1]["event"] == "completed"
-            assert [e["data"]["text"][:5] for e in events if e["event"] == "thinking.delta"] == \
-                [f"{i:05d}" for i in range(1500)]
+            assert [e["data"]["text"][:5] for e in events if e["event"] == "thinking.delta"] == [
+                f"{i:05d}" for i in range(1500)
+            ]
             assert [len(e["data"]["b64"]) for e in events if e["event"] == "image.done"] == [IMAGE_B64] * 4
             peak = before
 
