@@ -13,8 +13,9 @@ from irg_core.trajectory import run_trajectory
 
 def test_deltas_and_done_carry_token_counts(golden_dir: Path) -> None:
     engine = Engine(load_model(golden_dir / "model", device="cpu"), page_size=16)
-    params = GenerationParams(prompt="A red apple on a wooden table.", width=32, height=32, steps=3, seed=7,
-                              max_think_tokens=9)
+    params = GenerationParams(
+        prompt="A red apple on a wooden table.", width=32, height=32, steps=3, seed=7, max_think_tokens=9
+    )
     events = []
     result = run_trajectory(engine, params, on_event=events.append)
     for kind, k in (("thinking", 1), ("reflection", 2)):
