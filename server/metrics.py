@@ -27,6 +27,7 @@ SHARED = CollectorRegistry(auto_describe=True)
 ROLES = {"api": API, "worker": WORKER}
 
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 RATE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 JOBS = Counter("irg_jobs", "Jobs that ended, by mode, outcome and reason", ["mode", "outcome", "reason"],
@@ -54,7 +55,7 @@ HTTP_REQUESTS = Counter("irg_http_requests", "HTTP requests answered, by method,
                         ["method", "route", "status"], registry=API)
 HTTP_LATENCY = Histogram("irg_http_request_duration_seconds", "From a request to its response's status line "
                          "(a stream counts until it starts), by method and route template", ["method", "route"],
-                         buckets=TIME_BUCKETS, registry=API)
+                         buckets=HTTP_BUCKETS, registry=API)
 ACTIVE = Gauge("irg_active_trajectories", "Jobs this worker runs now (claimed, not yet ended)", registry=WORKER)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 FORWARD_ROWS = Histogram("irg_forward_rows", "Query rows per model forward, by kind (decode, denoise, prefill_text, "

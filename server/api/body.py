@@ -23,8 +23,15 @@ def wrong_type(content_type: str | None) -> str:
     return f"the body must be JSON: send Content-Type: {EXPECTED} (got {content_type!r})"
 
 
-JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-              float: "a number", type(None): "null"}
+JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def whole_body_error(kind: str, value: Any) -> str:

@@ -32,6 +32,10 @@ def check_same(options: Mapping[str, Any], body: BaseModel, key: str, job_id: st
     """409 when the job made under `key` was asked for with a different request than `body`."""
     stored = options.get(OPTION)
     if stored is not None and stored != fingerprint(body):
-        raise ApiError(409, "idempotency_conflict", f"Idempotency-Key {key!r} was already used with a different "
-                       f"request (job {job_id}); send the same request to get that job, or use a new key",
-                       "Idempotency-Key")
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"Idempotency-Key {key!r} was already used with a different "
+            f"request (job {job_id}); send the same request to get that job, or use a new key",
+            "Idempotency-Key",
+        )

@@ -52,29 +52,77 @@ def test_packaged_configs_resolve_from_any_directory(tmp_path: Path, monkeypatch
 
 def test_generate_logs_the_demo_checkpoint_and_fills_its_bars(tmp_path: Path) -> None:
     env = {"IRG_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "server.cli", "generate", "a fox", "--width", "32", "--height", "32",
-                        "--steps", "3", "--max-think-tokens", "6", "--seed", "1", "--out", str(tmp_path / "out")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "generate",
+            "a fox",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--max-think-tokens",
+            "6",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     lines = p.stderr.replace("\r", "\n").splitlines()
-    assert lines[0] == f"irg: creating the demo checkpoint in {tmp_path / 'home' / 'demo-v1'} (first use only: " \
-                       "a tiny BAGEL with random weights)"
+    assert (
+        lines[0] == f"irg: creating the demo checkpoint in {tmp_path / 'home' / 'demo-v1'} (first use only: "
+        "a tiny BAGEL with random weights)"
+    )
     assert re.match(r"irg: demo checkpoint ready in .* \(\d+\.\d s\)$", lines[1])
     for stage in ("thinking 1", "reflection 2", "image 1", "image 2"):
         assert any(line.startswith(f"{stage}: 100%") for line in lines), (stage, p.stderr)
 
 
 def test_bench_says_what_it_does_as_it_goes(tmp_path: Path, golden_dir: Path) -> None:
-    p = subprocess.Popen([sys.executable, "-m", "server.cli", "bench", "--model-dir", str(golden_dir / "model"),
-                          "--width", "32", "--height", "32", "--steps", "4", "--max-think-tokens", "4"],
-                         cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "bench",
+            "--model-dir",
+            str(golden_dir / "model"),
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "4",
+            "--max-think-tokens",
+            "4",
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert p.stderr is not None
     first = p.stderr.readline()  # arrives while the command still runs
     assert first == "irg bench: loading the model\n" and p.poll() is None
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    for line in ("irg bench: warm-up run", "irg bench: run 1/1: irg, 32x32, 4 steps",
-                 "irg bench: run 1/1: thinking 1 done (4 tokens)", "irg bench: run 1/1: image 2 done (final)"):
+    for line in (
+        "irg bench: warm-up run",
+        "irg bench: run 1/1: irg, 32x32, 4 steps",
+        "irg bench: run 1/1: thinking 1 done (4 tokens)",
+        "irg bench: run 1/1: image 2 done (final)",
+    ):
         assert line in err, (line, err)
     assert "total" in out and "run 1/1" not in out  # progress on stderr, the table on stdout

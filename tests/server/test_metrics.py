@@ -24,11 +24,19 @@ def count(mode: str, outcome: str, reason: str) -> float:
     return metrics.JOBS.labels(mode, outcome, reason)._value.get()
 
 
-@pytest.mark.parametrize(("status", "error", "reason"), [
-    ("succeeded", None, "none"), ("cancelled", None, "cancelled"),
-    ("failed", {"code": "timeout"}, "timeout"), ("failed", {"code": "out_of_memory"}, "oom"),
-    ("failed", {"code": "worker_lost"}, "lease_lost"), ("failed", {"code": "invalid_params"}, "invalid_params"),
-    ("failed", {"code": "internal_error"}, "error"), ("failed", None, "error")])
+@pytest.mark.parametrize(
+    ("status", "error", "reason"),
+    [
+        ("succeeded", None, "none"),
+        ("cancelled", None, "cancelled"),
+        ("failed", {"code": "timeout"}, "timeout"),
+        ("failed", {"code": "out_of_memory"}, "oom"),
+        ("failed", {"code": "worker_lost"}, "lease_lost"),
+        ("failed", {"code": "invalid_params"}, "invalid_params"),
+        ("failed", {"code": "internal_error"}, "error"),
+        ("failed", None, "error"),
+    ],
+)
 def test_reason_of_an_ending(status: str, error: dict[str, str] | None, reason: str) -> None:
     assert metrics.reason(status, error) == reason
     assert reason in metrics.REASONS
@@ -38,13 +46,20 @@ class OutOfMemoryError(RuntimeError):
     """Named like torch's, which the worker recognises by name (no torch import in the server)."""
 
 
-@pytest.mark.parametrize(("runner", "timeout", "reason"), [
-    (FakeRunner(), 60.0, "none"), (FakeRunner(fail=OutOfMemoryError("CUDA out of memory")), 60.0, "oom"),
-    (FakeRunner(fail=MemoryError("no room")), 60.0, "oom"), (FakeRunner(fail=RuntimeError("boom")), 60.0, "error"),
-    (FakeRunner(fail=ParamError("steps", "too few")), 60.0, "invalid_params"),
-    (FakeRunner(step_s=0.2), 0.3, "timeout")])
-def test_worker_counts_each_ending_with_its_reason(settings: Settings, runner: Any, timeout: float,
-                                                   reason: str) -> None:
+@pytest.mark.parametrize(
+    ("runner", "timeout", "reason"),
+    [
+        (FakeRunner(), 60.0, "none"),
+        (FakeRunner(fail=OutOfMemoryError("CUDA out of memory")), 60.0, "oom"),
+        (FakeRunner(fail=MemoryError("no room")), 60.0, "oom"),
+        (FakeRunner(fail=RuntimeError("boom")), 60.0, "error"),
+        (FakeRunner(fail=ParamError("steps", "too few")), 60.0, "invalid_params"),
+        (FakeRunner(step_s=0.2), 0.3, "timeout"),
+    ],
+)
+def test_worker_counts_each_ending_with_its_reason(
+    settings: Settings, runner: Any, timeout: float, reason: str
+) -> None:
     memq = MemoryQueue(settings)
     worker = Worker(memq, settings.model_copy(update={"job_timeout_s": timeout}), "w")
     worker.runner = runner
@@ -74,15 +89,21 @@ def test_http_requests_by_route_template_and_status(settings: Settings) -> None:
     with TestClient(create_app(s, MemoryQueue(s))) as c:
         assert c.get("/v1/generations/gen_" + "0" * 24).status_code == 404
         assert c.get("/no/such/path").status_code == 404
-        assert c.post("/v1/generations", content=b"{" + b" " * 2000 + b"}",
-                      headers={"Content-Type": "application/json"}).status_code == 413
+        assert (
+            c.post(
+                "/v1/generations", content=b"{" + b" " * 2000 + b"}", headers={"Content-Type": "application/json"}
+            ).status_code
+            == 413
+        )
         assert c.post("/v1/generations", json={"prompt": "a fox", "steps": 1}).status_code == 422
         text = c.get("/metrics").text
-    for line in ('irg_http_requests_total{method="GET",route="/v1/generations/{job_id}",status="404"} ',
-                 'irg_http_requests_total{method="GET",route="unmatched",status="404"} ',
-                 'irg_http_requests_total{method="POST",route="/v1/generations",status="413"} ',
-                 'irg_http_requests_total{method="POST",route="/v1/generations",status="422"} ',
-                 'irg_http_request_duration_seconds_count{method="GET",route="/v1/generations/{job_id}"} '):
+    for line in (
+        'irg_http_requests_total{method="GET",route="/v1/generations/{job_id}",status="404"} ',
+        'irg_http_requests_total{method="GET",route="unmatched",status="404"} ',
+        'irg_http_requests_total{method="POST",route="/v1/generations",status="413"} ',
+        'irg_http_requests_total{method="POST",route="/v1/generations",status="422"} ',
+        'irg_http_request_duration_seconds_count{method="GET",route="/v1/generations/{job_id}"} ',
+    ):
         assert line in text, line
     assert "gen_000" not in text and "/no/such/path" not in text  # templates, never raw paths
 
@@ -91,8 +112,13 @@ def test_each_process_exports_its_own_registry(settings: Settings) -> None:
     metrics.STAGE.labels("image", "1").observe(0.1)  # a worker-only metric with a sample in this process
     with TestClient(create_app(settings, MemoryQueue(settings))) as c:  # an API replica (no embedded worker)
         api = c.get("/metrics").text
-    for name in ("irg_stage_seconds", "irg_queue_wait_seconds", "irg_gpu_memory_bytes", "irg_jobs_retried",
-                 "irg_decode_tokens_per_second"):
+    for name in (
+        "irg_stage_seconds",
+        "irg_queue_wait_seconds",
+        "irg_gpu_memory_bytes",
+        "irg_jobs_retried",
+        "irg_decode_tokens_per_second",
+    ):
         assert name not in api, name
     assert "irg_workers_alive" in api and "irg_jobs_total" in api  # the API counts cancels of queued jobs
     worker = generate_latest(metrics.Exposition("worker")).decode()  # what `irg worker --metrics-port` serves

@@ -31,8 +31,9 @@ def message(r: object) -> str:
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                   "application/xml"])
+@pytest.mark.parametrize(
+    "ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", "application/xml"]
+)
 def test_wrong_content_type_is_415_naming_json(client: TestClient, route: str, ctype: str) -> None:
     r = client.post(route, content=b'{"prompt": "a fox"}', headers={"Content-Type": ctype})
     assert r.status_code == 415, r.text
@@ -40,8 +41,10 @@ def test_wrong_content_type_is_415_naming_json(client: TestClient, route: str, c
     assert client.queue._jobs == {}  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("ctype", [None, "application/json", "application/json; charset=utf-8",
-                                   "Application/JSON", "application/merge-patch+json"])
+@pytest.mark.parametrize(
+    "ctype",
+    [None, "application/json", "application/json; charset=utf-8", "Application/JSON", "application/merge-patch+json"],
+)
 def test_json_content_types_are_accepted(ctype: str | None) -> None:
     assert is_json(ctype)
 
