@@ -227,23 +227,24 @@ class Engine:
         """One denoising step of each item, packed: latent rows of every item × branch first (generation
         expert), then the image markers; each item's products run as their own row group, so an item gets
         bit for bit what it would get alone."""
-        key = tuple((s.loop.uid, s.branches) for s in steps)
+        key = tuple((s.loop.uid, s.evaluated) for s in steps)
         if self._denoise_cache is None or self._denoise_cache[0] != key:
             self._denoise_cache = (key, self._pack(steps))
         packed = self._denoise_cache[1]
         markers = self._markers()
-        lat = [self.model.latent_rows(s.x, s.t, s.loop.state.pos).repeat(s.branches, 1) for s in steps]
-        marks = [markers.repeat(s.branches, 1) for s in steps]
+        lat = [self.model.latent_rows(s.x, s.t, s.loop.state.pos).repeat(len(s.evaluated), 1) for s in steps]
+        marks = [markers.repeat(len(s.evaluated), 1) for s in steps]
         x = torch.cat(lat + marks)
         hidden = self._forward(x, packed.positions, packed.rows, True, packed.slots, packed.meta, final_norm=False)
         lm = self.model.language_model
         out = []
         start = 0
         for s in steps:
-            n = s.branches * s.loop.tokens
+            b = len(s.evaluated)
+            n = b * s.loop.tokens
             h = hidden[start:start + n]
-            v = self.model.velocity(lm.model.norm_moe_gen(h)).view(s.branches, s.loop.tokens, -1)
-            out.append((v, h.view(s.branches, s.loop.tokens, -1) if s.hidden else None))
+            v = self.model.velocity(lm.model.norm_moe_gen(h)).view(b, s.loop.tokens, -1)
+            out.append((v, h.view(b, s.loop.tokens, -1) if s.hidden else None))
             start += n
         return out
 
@@ -270,8 +271,8 @@ class Engine:
         row = 0
         for s in steps:
             n, st = s.loop.tokens, s.loop.state
-            groups.append((row, row + s.branches * n, True))
-            for b in range(s.branches):
+            groups.append((row, row + len(s.evaluated) * n, True))
+            for b in s.evaluated:
                 room, ctx = st.rooms[b], s.loop.contexts[b]
                 lat_slots.append(st.slots[b][1:n + 1])
                 lat_pos.append(torch.full((n,), ctx.rope))
@@ -279,8 +280,8 @@ class Engine:
                 row += n
         for s in steps:
             st = s.loop.state
-            groups.append((row, row + 2 * s.branches, False))
-            for b in range(s.branches):
+            groups.append((row, row + 2 * len(s.evaluated), False))
+            for b in s.evaluated:
                 room, ctx = st.rooms[b], s.loop.contexts[b]
                 mark_slots.append(st.slots[b][[0, s.loop.tokens + 1]])
                 mark_pos.append(torch.full((2,), ctx.rope))

@@ -288,7 +288,7 @@ class Scheduler:
         rows = 0
         for job in jobs:  # in admission order
             unit: DenoiseStep = job.pending
-            n = unit.branches * (unit.loop.tokens + 2)
+            n = len(unit.evaluated) * (unit.loop.tokens + 2)
             if groups and rows + n <= self.max_denoise_rows:
                 groups[-1].append(job)
                 rows += n
@@ -304,7 +304,7 @@ class Scheduler:
                 self.e.prepare_loop(loop)
                 job.owned.append(loop)
         out = self.e.run_denoise([j.pending for j in jobs])
-        self._forward("denoise", sum(j.pending.branches * (j.pending.loop.tokens + 2) for j in jobs))
+        self._forward("denoise", sum(len(j.pending.evaluated) * (j.pending.loop.tokens + 2) for j in jobs))
         return out
 
     def _single(self, jobs: list[Job]) -> list[Any]:

@@ -95,14 +95,20 @@ class DenoiseLoop:
 
 @dataclass(eq=False, slots=True)
 class DenoiseStep:
-    """The first `branches` contexts of `loop` queried with latent x [N, 64] at timestep t -> the branch
-    velocities [branches, N, 64] (`hidden` also returns the pre-final-norm hidden states of the latent rows)."""
+    """The first `branches` contexts of `loop` (or just those in `which`) queried with latent x [N, 64] at
+    timestep t -> (velocities [b, N, 64], pre-final-norm hidden states [b, N, hidden] if `hidden` else None),
+    b the number of branches evaluated."""
 
     loop: DenoiseLoop
     x: Tensor
     t: Tensor
     branches: int
     hidden: bool = False
+    which: tuple[int, ...] | None = None  # a subset of the branches (a step cache forecasts the others)
+
+    @property
+    def evaluated(self) -> tuple[int, ...]:
+        return self.which if self.which is not None else tuple(range(self.branches))
 
 
 @dataclass(eq=False, slots=True)
