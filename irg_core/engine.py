@@ -22,9 +22,11 @@ from irg_core.loader import LoadedModel
 from irg_core.model.qwen2_mot import rope_tables
 from irg_core.params import RoundGuidance
 from irg_core.sampling import cfg_active, cfg_combine, sample_flow, timesteps
+from irg_core.step_cache import StepCounter, TaylorSeer
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
 
 DEFAULT_PAGE_SIZE = 256
+BRANCH_NAMES = ("cond", "no_text", "no_img")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +192,15 @@ class Engine:
     def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
                        noise: Tensor, on_step: Callable[[int, int], None] | None = None,
                        should_cancel: Callable[[], bool] | None = None,
-                       observe: Callable[[str, int, Tensor], None] | None = None) -> Tensor:
+                       observe: Callable[[str, int, Tensor], None] | None = None,
+                       cache: StepCounter | None = None,
+                       on_velocity: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
         """Denoise `noise` [N, 64] into a packed latent [N, 64]; all guidance branches of a step run as one
-        batched forward over the packed contexts."""
+        batched forward over the packed contexts.
+
+        `cache` (irg_core.step_cache, one per round) counts the evaluations and, for a TaylorSeer, decides per
+        step and branch whether the model runs or the branch's pre-norm hidden states are forecast.
+        `on_velocity(i, t_i, x_t, v_t)` sees each step's guided velocity before the Euler step (previews)."""
         assert self.pool is not None
         d = self.cfg.latent_downsample
         h, w = height // d, width // d
@@ -208,15 +216,20 @@ class Engine:
         try:
             rooms = [self.pool.extend(c, n + 2) for c in ctxs]
             batches = {k: self._image_batch(ctxs[:k], rooms[:k], n) for k in {1, len(ctxs)}}
+            subsets: dict[tuple[int, ...], _Batch] = {}
 
             def velocity(i: int, x: Tensor) -> Tensor:
                 if should_cancel is not None and should_cancel():
                     raise Cancelled()
                 k = len(ctxs) if on[i] else 1
                 rows = self.model.latent_rows(x, ts[i], pos)
-                q = torch.cat([rows.repeat(k, 1), markers.repeat(k, 1)])
-                hidden = self._forward(q, batches[k])
-                vs = self.model.velocity(hidden[:k * n]).view(k, n, -1)
+                full = cache.plan(list(BRANCH_NAMES[:k])) if cache is not None else [True] * k
+                if cache is not None and cache.forecasts:
+                    vs = self._cached_velocities(cache, full, rows, markers, ctxs, rooms, subsets)
+                else:
+                    q = torch.cat([rows.repeat(k, 1), markers.repeat(k, 1)])
+                    hidden = self._forward(q, batches[k])
+                    vs = self.model.velocity(hidden[:k * n]).view(k, n, -1)
                 v_no_text = vs[1] if k > 1 else None
                 v_no_img = vs[2] if k > 2 else None
                 if observe is not None:
@@ -227,6 +240,8 @@ class Engine:
                 if observe is not None:
                     observe("x_t", i, x)
                     observe("v_t", i, v)
+                if on_velocity is not None:
+                    on_velocity(i, ts[i], x, v)
                 if on_step is not None:
                     on_step(i + 1, steps - 1)
                 return v
@@ -234,6 +249,32 @@ class Engine:
             return sample_flow(velocity, noise.to(self.device, self.dtype), ts)
         finally:
             self.pool.release(mark)
+
+    def _cached_velocities(self, cache: StepCounter, full: list[bool], rows: Tensor, markers: Tensor,
+                           ctxs: list[Context], rooms: list[tuple[Context, Tensor]],
+                           subsets: dict[tuple[int, ...], _Batch]) -> Tensor:
+        """Velocities [k, N, 64] of the first k = len(full) branches: the full ones run the model (one batched
+        forward over just them), the others are forecast by the step cache (pre-final-norm hidden states)."""
+        assert self.pool is not None and isinstance(cache, TaylorSeer)
+        n, k = rows.shape[0], len(full)
+        run = tuple(b for b in range(k) if full[b])
+        hs: list[Tensor] = []
+        if run:
+            if run not in subsets:
+                subsets[run] = self._image_batch([ctxs[b] for b in run], [rooms[b] for b in run], n)
+            bt = subsets[run]
+            q = torch.cat([rows.repeat(len(run), 1), markers.repeat(len(run), 1)])
+            hidden = self.model.language_model.hidden_states(q, bt.rope, bt.n_gen, bt.gen_mode, self.pool.layers,
+                                                             bt.slots, bt.meta)
+        for b in range(k):
+            state = cache.branch(BRANCH_NAMES[b])
+            if full[b]:
+                j = run.index(b)
+                hs.append(hidden[j * n:(j + 1) * n])
+                state.update(hs[-1])
+            else:
+                hs.append(state.forecast())
+        return self.model.velocity(self.model.language_model.final_norm(torch.cat(hs), k * n)).view(k, n, -1)
 
     def _image_batch(self, ctxs: list[Context], rooms: list[tuple[Context, Tensor]], n: int) -> _Batch:
         """k packed branches: the latent rows of every branch first (generation expert), then the markers."""

@@ -37,6 +37,7 @@ from irg_core.params import (
     TrajectoryResult,
     image_rounds,
 )
+from irg_core.step_cache import new_step_cache
 from irg_core.tokenizer import StreamDecoder
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM
 
@@ -114,10 +115,15 @@ class _Run:
         def on_step(step: int, steps: int) -> None:
             self.emit(EngineEvent("image.progress", {"round": k, "step": step, "steps": steps}))
 
+        cache = new_step_cache(p.cache)  # per round, never shared (the official state leaks across calls)
+
         def draw() -> torch.Tensor:
-            return e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel)
+            return e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel,
+                                    cache=cache)
 
         latent = self.timed("image", k, draw, steps=p.steps - 1)
+        for key, value in cache.counts().items():  # model evaluations and forecasts of this round
+            setattr(self.result.stages[-1], key, value)
         pixels = self.timed("decode", k, lambda: e.decode_latent(latent, p.width, p.height)[1])
         if self.keep_tensors:
             self.result.tensors[f"round{k}.init_noise"] = noise

@@ -190,3 +190,15 @@ class LanguageModel(nn.Module):
         for layer, layer_kv in zip(self.model.layers, kv):
             x = layer(x, n_gen, gen_mode, rope, layer_kv, slots, meta)
         return split_apply(x, n_gen, self.model.norm, self.model.norm_moe_gen)
+
+    # -- used by the step cache (irg_core.step_cache): the forward split at the final norm ----------------
+    def hidden_states(self, x: Tensor, rope: tuple[Tensor, Tensor], n_gen: int, gen_mode: bool,
+                      kv: list[tuple[Tensor, Tensor]], slots: Tensor, meta: AttnMeta) -> Tensor:
+        """`forward` without the final norm: the last decoder layer's output [T, hidden]."""
+        for layer, layer_kv in zip(self.model.layers, kv):
+            x = layer(x, n_gen, gen_mode, rope, layer_kv, slots, meta)
+        return x
+
+    def final_norm(self, x: Tensor, n_gen: int) -> Tensor:
+        """The final norm of `forward` (rows [0, n_gen) through the generation expert's)."""
+        return split_apply(x, n_gen, self.model.norm, self.model.norm_moe_gen)

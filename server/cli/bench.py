@@ -69,10 +69,42 @@ def run(args: argparse.Namespace) -> int:
           f"dtype {str(engine.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(format_table(rows, best.total_seconds, best.peak_memory_bytes))
+    comparison = None
+    if params.cache is not None:  # the same trajectory exact, measured in the same run
+        exact = [run_trajectory(engine, replace(params, cache=None), fixed_thoughts=True)
+                 for _ in range(max(1, args.repeats))]
+        comparison = cache_comparison(best, min(exact, key=lambda r: r.total_seconds))
+        print(format_cache_comparison(comparison, params.cache.method))
     if args.json:
         record = {"params": params.to_dict(), "device": str(engine.device), "machine": platform.machine(),
                   "torch": torch.__version__, "stages": rows, "total_seconds": best.total_seconds,
                   "all_totals": [r.total_seconds for r in results], "peak_memory_bytes": best.peak_memory_bytes,
-                  "config": cfg.to_dict()}
+                  "config": cfg.to_dict(), "cache_comparison": comparison}
         args.json.write_text(json.dumps(record, indent=2), "utf-8")
     return 0
+
+
+def _image_totals(result: Any) -> dict[str, float]:
+    images = [s for s in result.stages if s.stage == "image"]
+    return {"seconds": sum(s.seconds for s in images), "steps": sum(s.steps for s in images),
+            "model_evaluations": sum(s.model_evaluations for s in images),
+            "branch_evaluations": sum(s.branch_evaluations for s in images)}
+
+
+def cache_comparison(cached: Any, exact: Any) -> dict[str, Any]:
+    """The cached run beside the exact one: denoising and total time, model evaluations, speed-ups."""
+    c, e = _image_totals(cached), _image_totals(exact)
+    return {"cached": dict(c, total_seconds=cached.total_seconds), "exact": dict(e, total_seconds=exact.total_seconds),
+            "denoising_speedup": e["seconds"] / c["seconds"] if c["seconds"] else None,
+            "total_speedup": exact.total_seconds / cached.total_seconds if cached.total_seconds else None}
+
+
+def format_cache_comparison(cmp: dict[str, Any], method: str) -> str:
+    c, e = cmp["cached"], cmp["exact"]
+    lines = [f"step cache {method} vs exact (same trajectory, this run):",
+             f"  denoising  {c['seconds']:9.3f} s vs {e['seconds']:9.3f} s  -> {cmp['denoising_speedup']:.2f}x",
+             f"  total      {c['total_seconds']:9.3f} s vs {e['total_seconds']:9.3f} s  -> {cmp['total_speedup']:.2f}x",
+             f"  model evaluations {c['model_evaluations']} of {e['model_evaluations']} steps "
+             f"({100 * c['model_evaluations'] / max(1, e['model_evaluations']):.0f} %), "
+             f"branch passes {c['branch_evaluations']} of {e['branch_evaluations']}"]
+    return "\n".join(lines)

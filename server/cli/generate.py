@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from irg_core.params import GenerationParams, RoundGuidance, round_guidance
+from irg_core.params import GenerationParams, ParamError, RoundGuidance, StepCacheParams, round_guidance
 from server.cli.common import add_model_options, open_engine
 from server.cli.errors import CommandError
 
@@ -38,6 +38,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=Path, metavar="FILE.json",
                    help='per-round guidance: {"rounds": [{"text_scale": 4, "interval": [0.4, 1], ...}, ...]}')
     p.add_argument("--system-prompt-file", type=Path, help="system prompt (default: the mode's own)")
+    p.add_argument("--cache", choices=("none", "taylorseer"), default="none",
+                   help="step cache: taylorseer forecasts most denoising steps (faster, not exact; default none)")
+    p.add_argument("--cache-options", metavar="JSON",
+                   help='TaylorSeer parameters, e.g. \'{"fresh_threshold": 3, "first_enhance": 5, "max_order": 6}\'')
 
 
 def read_guidance(path: Path | None) -> tuple[RoundGuidance, ...]:
@@ -74,7 +78,25 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     return GenerationParams(
         prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=args.width, height=args.height,
         steps=args.steps, seed=seed, max_think_tokens=args.max_think_tokens, temperature=args.temperature,
-        guidance=read_guidance(args.guidance), system_prompt=system).resolved()
+        guidance=read_guidance(args.guidance), system_prompt=system, cache=read_cache(args)).resolved()
+
+
+def read_cache(args: argparse.Namespace) -> StepCacheParams | None:
+    options = getattr(args, "cache_options", None)
+    if getattr(args, "cache", "none") == "none":
+        if options:
+            raise CommandError("--cache-options needs --cache taylorseer")
+        return None
+    try:
+        extra = json.loads(options) if options else {}
+    except json.JSONDecodeError as e:
+        raise CommandError(f"--cache-options: not JSON ({e})") from e
+    if not isinstance(extra, dict):
+        raise CommandError("--cache-options: expected a JSON object")
+    try:
+        return StepCacheParams.from_dict({"method": args.cache, **extra})
+    except (ParamError, TypeError) as e:
+        raise CommandError(f"--cache-options: {e}") from e
 
 
 class Progress:
@@ -139,10 +161,22 @@ def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
     return {
         "prompt": p.prompt, "mode": p.mode, "seed": p.seed, "width": p.width, "height": p.height,
         "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
+        "cache": p.cache.to_dict() if p.cache is not None else None,
         "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
-                    "guidance": r.guidance.to_dict(),
+                    "guidance": r.guidance.to_dict(), "denoising": denoising_counts(result, r.index),
                     "image": f"round-{r.index}.png"} for r in result.rounds],
         "timings": [asdict(s) for s in result.stages],
         "total_seconds": result.total_seconds,
         "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
     }
+
+
+COUNT_KEYS = ("model_evaluations", "branch_evaluations", "forecast_steps", "forecast_branch_calls")
+
+
+def denoising_counts(result: Any, round_index: int) -> dict[str, int]:
+    """A round's denoising steps, the model evaluations that ran and those the step cache forecast."""
+    stage = next((s for s in result.stages if s.stage == "image" and s.round == round_index), None)
+    if stage is None:
+        return {}
+    return {"steps": stage.steps, **{k: getattr(stage, k) for k in COUNT_KEYS}}
