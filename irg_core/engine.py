@@ -21,6 +21,7 @@ from irg_core.kv_cache import Context, KVPool, pages_needed
 from irg_core.loader import LoadedModel
 from irg_core.model.qwen2_mot import rope_tables
 from irg_core.params import RoundGuidance
+from irg_core.previews import LatentRGB, downscale, fast_preview, fit_latent_rgb
 from irg_core.sampling import cfg_active, cfg_combine, sample_flow, timesteps
 from irg_core.step_cache import StepCounter, TaylorSeer
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
@@ -58,6 +59,7 @@ class Engine:
         self.pool: KVPool | None = None
         # KV is bfloat16 as in the official code; with float32 weights it is kept in float32 holding bf16 values.
         self.kv_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
+        self._latent_rgb: LatentRGB | None = None  # the fast preview map, fitted on first use
 
     # -- pool ---------------------------------------------------------------------------------------
     def reset_pool(self, tokens: int, segments: int) -> KVPool:
@@ -293,3 +295,18 @@ class Engine:
         z = unpatchify(latent, height // d, width // d, p, self.cfg.vae.z_channels)
         image = self.vae.decode(z.to(self.vae.decoder.conv_in.weight.dtype))
         return image, to_uint8(image)
+
+    # -- previews (irg_core.previews) ------------------------------------------------------------------
+    def latent_rgb(self) -> LatentRGB:
+        """The fast preview decoder of this checkpoint (least squares against its VAE, fitted once)."""
+        if self._latent_rgb is None:
+            self._latent_rgb = fit_latent_rgb(self.vae)
+        return self._latent_rgb
+
+    @torch.inference_mode()
+    def preview(self, x0: Tensor, width: int, height: int, decoder: str = "fast") -> np.ndarray:
+        """A small HWC uint8 picture of a packed latent estimate [N, 64] (`fast` linear map or full `vae`)."""
+        if decoder == "vae":
+            return downscale(self.decode_latent(x0, width, height)[0], width, height)
+        return fast_preview(x0, width, height, self.latent_rgb(), self.cfg.latent_downsample,
+                            self.cfg.latent_patch_size, self.cfg.vae.z_channels)

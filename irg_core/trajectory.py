@@ -37,6 +37,7 @@ from irg_core.params import (
     TrajectoryResult,
     image_rounds,
 )
+from irg_core.previews import preview_steps, x0_estimate
 from irg_core.step_cache import new_step_cache
 from irg_core.tokenizer import StreamDecoder
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM
@@ -119,7 +120,7 @@ class _Run:
 
         def draw() -> torch.Tensor:
             return e.generate_image(branches, p.width, p.height, p.steps, g, noise, on_step, self.should_cancel,
-                                    cache=cache)
+                                    cache=cache, on_velocity=self.previewer(k))
 
         latent = self.timed("image", k, draw, steps=p.steps - 1)
         for key, value in cache.counts().items():  # model evaluations and forecasts of this round
@@ -131,6 +132,24 @@ class _Run:
         self.emit(EngineEvent("image.done", {"round": k, "kind": self.kind(k), "width": p.width, "height": p.height},
                               image=pixels))
         return Image.fromarray(pixels)
+
+    def previewer(self, k: int) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+        """The `on_velocity` hook of round k: at the chosen steps, x0 = x_t - t v_t drawn as `image.preview`."""
+        p, e = self.p, self.e
+        evaluations = p.steps - 1
+        wanted = set(preview_steps(evaluations, p.previews))
+        if not wanted:
+            return None
+
+        def on_velocity(i: int, t: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> None:
+            if i not in wanted:
+                return
+            pixels = e.preview(x0_estimate(x, v, t), p.width, p.height, p.preview_decoder)
+            self.emit(EngineEvent("image.preview", {"round": k, "step": i + 1, "steps": evaluations,
+                                                    "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
+                                                    "decoder": p.preview_decoder}, image=pixels))
+
+        return on_velocity
 
     def reencode(self, k: int, ctx: Context, image: Image.Image) -> Context:
         """Put image k back into the context: its VAE block (posterior noise from seed + R + k - 1), then ViT."""

@@ -6,7 +6,7 @@ import argparse
 import json
 import secrets
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_generation_options(p)
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
     p.add_argument("--save-tensors", action="store_true", help="also write tensors.safetensors (noise, latents)")
+    p.add_argument("--previews", type=int, default=0, metavar="N",
+                   help="write N previews per image while it is denoised to OUT/previews/ (default 0)")
+    p.add_argument("--preview-decoder", choices=("fast", "vae"), default="fast",
+                   help="fast: linear latent->RGB map (default); vae: full VAE decode")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -132,18 +136,41 @@ class Progress:
         self.bar, self.key = None, None
 
 
+class PreviewWriter:
+    """Writes each `image.preview` to DIR/round-K-step-SSS.webp, passing every event on."""
+
+    def __init__(self, directory: Path, then: Any):
+        self.dir, self.then = directory, then
+        self.written: list[Path] = []
+
+    def __call__(self, event: Any) -> None:
+        if event.type == "image.preview":
+            from server.publish import encode_preview
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / f"round-{event.data['round']}-step-{event.data['step']:03d}.webp"
+            path.write_bytes(encode_preview(event.image))
+            self.written.append(path)
+        self.then(event)
+
+
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from irg_core.trajectory import run_trajectory
 
-    params = params_from_args(args)
+    params = replace(params_from_args(args), previews=args.previews, preview_decoder=args.preview_decoder)
+    try:
+        params.validate()
+    except ParamError as e:
+        raise CommandError(f"--{e.field.replace('_', '-')}: {e.message}") from e
     engine = open_engine(args)
-    progress = Progress(not args.quiet, params.max_think_tokens)
-    result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors)
-    progress.close()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(not args.quiet, params.max_think_tokens)
+    on_event = PreviewWriter(out / "previews", progress) if params.previews else progress
+    result = run_trajectory(engine, params, on_event=on_event, keep_tensors=args.save_tensors)
+    progress.close()
     for r in result.rounds:
         Image.fromarray(r.image).save(out / f"round-{r.index}.png")
     record = trajectory_record(result, engine)
@@ -162,6 +189,7 @@ def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
         "prompt": p.prompt, "mode": p.mode, "seed": p.seed, "width": p.width, "height": p.height,
         "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
         "cache": p.cache.to_dict() if p.cache is not None else None,
+        "previews": p.previews, "preview_decoder": p.preview_decoder,
         "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
                     "guidance": r.guidance.to_dict(), "denoising": denoising_counts(result, r.index),
                     "image": f"round-{r.index}.png"} for r in result.rounds],
