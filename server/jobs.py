@@ -12,7 +12,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from irg_core.params import GenerationParams, ParamError, RoundGuidance, image_rounds, round_guidance
+from irg_core.params import (
+    GenerationParams,
+    ParamError,
+    RoundGuidance,
+    StepCacheParams,
+    image_rounds,
+    round_guidance,
+)
 from server.schemas import DEFAULTS, GenerationOptions, JobLinks, JobPublic, TextOut
 from server.settings import Settings
 
@@ -134,7 +141,8 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
     params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
               "steps": steps, "seed": seed,
               "thinking": {"max_tokens": max_tokens, "temperature": opts.thinking.temperature},
-              "guidance": guidance}
+              "guidance": guidance, "cache": opts.cache.model_dump() if opts.cache is not None else None,
+              "previews": opts.previews, "preview_decoder": opts.preview_decoder}
     try:
         generation_params(params).validate(max_side=settings.max_side)
     except ParamError as e:
@@ -155,7 +163,9 @@ def generation_params(params: dict[str, Any]) -> GenerationParams:
         prompt=params["prompt"], mode=params["mode"], rounds=params["rounds"], width=params["width"],
         height=params["height"], steps=params["steps"],
         seed=params["seed"], max_think_tokens=params["thinking"]["max_tokens"],
-        temperature=params["thinking"]["temperature"], guidance=guidance)
+        temperature=params["thinking"]["temperature"], guidance=guidance,
+        cache=StepCacheParams(**params["cache"]) if params.get("cache") else None,
+        previews=int(params.get("previews", 0)), preview_decoder=params.get("preview_decoder", "fast"))
 
 
 def new_job(params: dict[str, Any], owner: str, image_b64: bool, job_id: str | None = None) -> JobRecord:

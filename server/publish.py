@@ -48,6 +48,12 @@ class Publisher:
 
     def __call__(self, event: EngineEvent) -> None:
         data: dict[str, Any] = {"job_id": self.job.id, **event.data}
+        if event.type == "image.preview":  # ephemeral: live watchers only, never in the event log
+            emit_live = getattr(self.q, "emit_live", None)
+            if emit_live is not None:
+                data.update(format="webp", b64=base64.b64encode(encode_preview(event.image)).decode("ascii"))
+                emit_live(self.claim, event.type, data)
+            return
         fields = None
         if event.type == "image.done":
             fields = self._image(event, data)

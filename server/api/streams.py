@@ -10,6 +10,7 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.events import follow
+from server.live import merge_live, resumed_notice
 from server.queue.base import JobQueue, QueueUnavailable
 from server.settings import Settings
 
@@ -38,8 +39,22 @@ async def _events(queue: JobQueue, job_id: str, after: str | None) -> AsyncItera
         log.warning("job=%s stream ended: %s", job_id, e)
 
 
+async def _with_live(queue: JobQueue, job_id: str, after: str | None) -> AsyncIterator[bytes]:
+    """The durable events plus the job's ephemeral ones (previews, no SSE id; see server/live.py)."""
+    live = getattr(queue, "live", None)
+    if after is not None:
+        yield resumed_notice(after)
+    if live is None:
+        async for chunk in _events(queue, job_id, after):
+            yield chunk
+        return
+    async with live(job_id) as watcher:
+        async for chunk in merge_live(_events(queue, job_id, after), watcher):
+            yield chunk
+
+
 def event_response(queue: JobQueue, job_id: str, after: str | None, settings: Settings) -> EventSourceResponse:
-    return EventSourceResponse(_events(queue, job_id, after), ping=settings.sse_ping_s,
+    return EventSourceResponse(_with_live(queue, job_id, after), ping=settings.sse_ping_s,
                                send_timeout=settings.sse_send_timeout_s)
 
 
