@@ -242,10 +242,10 @@ class Engine:
                 if observe is not None:
                     observe("x_t", i, x)
                     observe("v_t", i, v)
-                if on_velocity is not None:
-                    on_velocity(i, ts[i], x, v)
                 if on_step is not None:
                     on_step(i + 1, steps - 1)
+                if on_velocity is not None:
+                    on_velocity(i, ts[i], x, v)
                 return v
 
             return sample_flow(velocity, noise.to(self.device, self.dtype), ts)

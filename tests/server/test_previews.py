@@ -68,11 +68,11 @@ def durable_ids(events: list[dict[str, Any]]) -> list[str]:
 def test_streamed_irg_job_delivers_previews_before_each_image(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        events = read_stream(c, "POST", "/v1/generations", json={**JOB, "stream": True})
+        events = read_stream(c, "POST", "/v1/generations", live=True, json={**JOB, "stream": True})
         check_previews(events, 2, 256, 256)
         job_id = events[0]["data"]["job_id"]
         # the event log holds no preview: a fresh read of the finished job replays durable events only
-        replay = read_stream(c, "GET", f"/v1/generations/{job_id}/events")
+        replay = read_stream(c, "GET", f"/v1/generations/{job_id}/events", live=True)
         assert [e["event"] for e in replay] == [e["event"] for e in events if "id" in e]
         assert durable_ids(replay) == durable_ids(events)
         job = c.get(f"/v1/generations/{job_id}").json()
@@ -92,9 +92,9 @@ def test_resume_after_a_preview_loses_no_durable_event(serve: Any) -> None:
                     break
         assert first[-1]["event"] == "image.preview" and "id" not in first[-1]
         last_id = durable_ids(first)[-1]
-        rest = read_stream(c, "GET", url, headers={"Last-Event-ID": last_id})
+        rest = read_stream(c, "GET", url, live=True, headers={"Last-Event-ID": last_id})
         assert rest[0]["event"] == "stream.resumed" and "id" not in rest[0]
-        everything = read_stream(c, "GET", url)
+        everything = read_stream(c, "GET", url, live=True)
         assert durable_ids(first) + durable_ids(rest) == durable_ids(everything)
         assert everything[-1]["event"] == "completed"
 
@@ -102,8 +102,8 @@ def test_resume_after_a_preview_loses_no_durable_event(serve: Any) -> None:
 def test_previews_off_and_bad_values(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        events = read_stream(c, "POST", "/v1/generations", json={**JOB, "mode": "direct", "width": 64, "height": 64,
-                                                                  "previews": 0, "stream": True})
+        body = {**JOB, "mode": "direct", "width": 64, "height": 64, "previews": 0, "stream": True}
+        events = read_stream(c, "POST", "/v1/generations", live=True, json=body)
         assert events[-1]["event"] == "completed" and not [e for e in events if e["event"] == "image.preview"]
         for bad in ({"previews": -1}, {"previews": 51}, {"preview_decoder": "jpeg"}, {"previews": "4"}):
             r = c.post("/v1/generations", json={**JOB, **bad})
@@ -114,17 +114,17 @@ def test_previews_off_and_bad_values(serve: Any) -> None:
 def test_vae_preview_decoder(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        events = read_stream(c, "POST", "/v1/generations", json={**JOB, "mode": "direct", "width": 128, "height": 64,
-                                                                  "preview_decoder": "vae", "stream": True})
+        body = {**JOB, "mode": "direct", "width": 128, "height": 64, "preview_decoder": "vae", "stream": True}
+        events = read_stream(c, "POST", "/v1/generations", live=True, json=body)
         check_previews(events, 1, 128, 64)
 
 
 def test_previews_over_redis_are_ephemeral(serve_redis: Any) -> None:
     server = serve_redis()
     with server.client() as c:
-        events = read_stream(c, "POST", "/v1/generations", json={**JOB, "stream": True})
+        events = read_stream(c, "POST", "/v1/generations", live=True, json={**JOB, "stream": True})
         check_previews(events, 2, 256, 256)
-        replay = read_stream(c, "GET", f"/v1/generations/{events[0]['data']['job_id']}/events")
+        replay = read_stream(c, "GET", f"/v1/generations/{events[0]['data']['job_id']}/events", live=True)
         assert not [e for e in replay if e["event"] == "image.preview"]
         assert durable_ids(replay) == durable_ids(events)
 
@@ -141,6 +141,6 @@ def test_a_resumed_stream_says_so_on_redis(serve_redis: Any) -> None:
                     first.append(event)
                     if event["event"] == "started":
                         break
-        rest = read_stream(c, "GET", url, headers={"Last-Event-ID": first[-1]["id"]})
+        rest = read_stream(c, "GET", url, live=True, headers={"Last-Event-ID": first[-1]["id"]})
         assert rest[0]["event"] == "stream.resumed"
         assert durable_ids(first) + durable_ids(rest) == durable_ids(read_stream(c, "GET", url))
