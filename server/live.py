@@ -20,11 +20,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sse_starlette import ServerSentEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 LIVE_BUFFER = 8  # live events a watcher holds at most (the oldest is dropped first)
 RESUMED = "stream.resumed"
 
@@ -152,42 +153,49 @@ def resumed_notice(after: str) -> bytes:
     return encode_live(LiveEvent(RESUMED, data))
 
 
-async def merge_live(durable: AsyncIterator[bytes], watcher: Watcher) -> AsyncIterator[bytes]:
-    """The durable chunks in order, with live events slipped in between as they come; ends with `durable`."""
-    chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(1)
+async def merge_items(source: AsyncIterator[T], watcher: Watcher) -> AsyncIterator[T | LiveEvent]:
+    """The items of `source` in order, with the watcher's live events slipped in between as they come; ends
+    with `source` (whose errors are raised here)."""
+    items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(1)
 
     async def pump() -> None:
         try:
-            async for chunk in durable:
-                await chunks.put(chunk)
+            async for item in source:
+                await items.put(("item", item))
         except Exception as e:
-            await chunks.put(e)
+            await items.put(("error", e))
             return
-        await chunks.put(None)
+        await items.put(("end", None))
 
     loop = asyncio.get_running_loop()
     pumping = loop.create_task(pump())
-    next_chunk: asyncio.Task[Any] | None = None
+    next_item: asyncio.Task[Any] | None = None
     next_live: asyncio.Task[Any] | None = None
     try:
         while True:
-            next_chunk = next_chunk or loop.create_task(chunks.get())
+            next_item = next_item or loop.create_task(items.get())
             next_live = next_live or loop.create_task(watcher.queue.get())
-            done, _ = await asyncio.wait({next_chunk, next_live}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({next_item, next_live}, return_when=asyncio.FIRST_COMPLETED)
             if next_live in done:
-                yield encode_live(next_live.result())
+                yield next_live.result()
                 next_live = None
-            if next_chunk in done:
-                item = next_chunk.result()
-                next_chunk = None
-                if item is None:
+            if next_item in done:
+                kind, value = next_item.result()
+                next_item = None
+                if kind == "end":
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                if kind == "error":
+                    raise value
+                yield value
     finally:
-        for task in (next_chunk, next_live, pumping):
+        for task in (next_item, next_live, pumping):
             if task is not None:
                 task.cancel()
         with contextlib.suppress(BaseException):
             await pumping
+
+
+async def merge_live(durable: AsyncIterator[bytes], watcher: Watcher) -> AsyncIterator[bytes]:
+    """Durable SSE chunks with the live events encoded in between."""
+    async for item in merge_items(durable, watcher):
+        yield encode_live(item) if isinstance(item, LiveEvent) else item

@@ -137,7 +137,7 @@ class Progress:
 
 
 class PreviewWriter:
-    """Writes each `image.preview` to DIR/round-K-step-SSS.webp, passing every event on."""
+    """Writes each `image.preview` to DIR/round-K-step-SSS.jpg, passing every event on."""
 
     def __init__(self, directory: Path, then: Any):
         self.dir, self.then = directory, then
@@ -148,7 +148,7 @@ class PreviewWriter:
             from server.publish import encode_preview
 
             self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / f"round-{event.data['round']}-step-{event.data['step']:03d}.webp"
+            path = self.dir / f"round-{event.data['round']}-step-{event.data['step']:03d}.jpg"
             path.write_bytes(encode_preview(event.image))
             self.written.append(path)
         self.then(event)

@@ -188,7 +188,7 @@ function onEvent(run, type, data, id) {
       break;
     case "image.preview": // ephemeral: the image forming (x0 estimate), replaced by image.done
       if (!state.images[k] && data.b64) {
-        view.preview(k, `data:image/${data.format ?? "webp"};base64,${data.b64}`, data.step, data.steps);
+        view.preview(k, `data:image/${data.format ?? "jpeg"};base64,${data.b64}`, data.step, data.steps);
         state.previews = (state.previews ?? 0) + 1;
       }
       break;

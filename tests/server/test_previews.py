@@ -50,10 +50,10 @@ def check_previews(events: list[dict[str, Any]], rounds: int, width: int, height
             d = e["data"]
             assert "id" not in e, "a preview must not carry an SSE id (it is not in the event log)"
             assert d["round"] not in done, "a preview after its round's image.done"
-            assert 1 <= d["step"] <= d["steps"] and d["format"] == "webp"
+            assert 1 <= d["step"] <= d["steps"] and d["format"] == "jpeg"
             image = Image.open(io.BytesIO(base64.b64decode(d["b64"])))
             image.load()
-            assert image.format == "WEBP" and image.size == (width, height) == (d["width"], d["height"])
+            assert image.format == "JPEG" and image.size == (width, height) == (d["width"], d["height"])
             seen[d["round"]] = seen.get(d["round"], 0) + 1
         elif e["event"] == "image.done":
             assert seen.get(e["data"]["round"], 0) >= 4, f"round {e['data']['round']}: {seen}"
@@ -144,3 +144,24 @@ def test_a_resumed_stream_says_so_on_redis(serve_redis: Any) -> None:
         rest = read_stream(c, "GET", url, live=True, headers={"Last-Event-ID": first[-1]["id"]})
         assert rest[0]["event"] == "stream.resumed"
         assert durable_ids(first) + durable_ids(rest) == durable_ids(read_stream(c, "GET", url))
+
+
+def test_openai_partial_images_beyond_the_drafts_are_previews(serve: Any) -> None:
+    server = serve()
+    with server.client() as c:
+        body = {"prompt": "a lighthouse at dusk", "size": "128x64", "stream": True, "partial_images": 3,
+                "steps": 10, "thinking": {"max_tokens": 6}}
+        events = read_stream(c, "POST", "/v1/images/generations", live=True, json=body)
+        kinds = [e["event"] for e in events]
+        assert kinds == ["image_generation.partial_image"] * 3 + ["image_generation.completed"], kinds
+        partials = [e["data"] for e in events[:3]]
+        assert [p["partial_image_index"] for p in partials] == [0, 1, 2]
+        previews = [p for p in partials if "irg_preview" in p]
+        assert len(previews) == 2, "one slot is the draft's, the other two go to previews"
+        for p in partials:
+            image = Image.open(io.BytesIO(base64.b64decode(p["b64_json"])))
+            assert image.format == "PNG" and image.size == (128, 64)
+        # without partial_images: the drafts only, as before
+        events = read_stream(c, "POST", "/v1/images/generations", live=True,
+                             json={k: v for k, v in body.items() if k != "partial_images"})
+        assert [e["event"] for e in events] == ["image_generation.partial_image", "image_generation.completed"]
