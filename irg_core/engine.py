@@ -31,6 +31,7 @@ from irg_core.loader import LoadedModel
 from irg_core.model.qwen2_mot import RopeTable, RowGroups, fuse_projections
 from irg_core.numerics import precision
 from irg_core.params import RoundGuidance
+from irg_core.previews import LatentRGB, downscale, fast_preview, fit_latent_rgb
 from irg_core.sampling import cfg_active, cfg_combine, sample_tokens, timesteps
 from irg_core.steps import DecodeLatent, DecodeStep, Decoding, DenoiseLoop, DenoiseStep, EncodeVae
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM, grid_position_ids, patchify, to_uint8, unpatchify
@@ -103,6 +104,7 @@ class Engine:
                                          device=self.device) if self.tok is not None else None
         self.decoder = DecodeRunner(self, cuda_graphs=cuda_graphs and self.device.type == "cuda")
         self._denoise_cache: tuple[tuple, _Packed] | None = None
+        self._latent_rgb: LatentRGB | None = None  # the fast preview map, fitted on first use
 
     # -- pool ---------------------------------------------------------------------------------------
     @property
@@ -318,6 +320,21 @@ class Engine:
             return self.vae_rows_stages(unit.image, unit.eps_seed)
         return self.decode_latent_stages(unit.latent, unit.width, unit.height, unit.mode)
 
+    # -- previews (irg_core.previews) ------------------------------------------------------------------
+    def latent_rgb(self) -> LatentRGB:
+        """The fast preview decoder of this checkpoint (least squares against its VAE, fitted once)."""
+        if self._latent_rgb is None:
+            self._latent_rgb = fit_latent_rgb(self.vae)
+        return self._latent_rgb
+
+    @torch.inference_mode()
+    def preview(self, x0: Tensor, width: int, height: int, decoder: str = "fast") -> np.ndarray:
+        """A small HWC uint8 picture of a packed latent estimate [N, 64] (`fast` linear map or full `vae`)."""
+        if decoder == "vae":
+            return downscale(self.decode_latent(x0, width, height)[0], width, height)
+        return fast_preview(x0, width, height, self.latent_rgb(), self.cfg.latent_downsample,
+                            self.cfg.latent_patch_size, self.cfg.vae.z_channels)
+
     # -- synchronous helpers (one unit or loop at a time, outside a scheduler) --------------------------
     def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
         return self.run_prefill_text(ctx, ids)
@@ -356,14 +373,15 @@ class Engine:
     def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
                        noise: Tensor, on_step: Callable[[int, int], None] | None = None,
                        should_cancel: Callable[[], bool] | None = None,
-                       observe: Callable[[str, int, Tensor], None] | None = None, mode: str = "irg") -> Tensor:
+                       observe: Callable[[str, int, Tensor], None] | None = None, mode: str = "irg",
+                       cache: Any = None) -> Tensor:
         """Denoise `noise` [N, 64] into a packed latent [N, 64] (the image program, run alone); `mode` picks
-        the state's dtype (irg_core.numerics)."""
+        the state's dtype (irg_core.numerics); `cache`: an irg_core.step_cache counter or TaylorSeer."""
         from irg_core.errors import Cancelled
         from irg_core.programs import denoise_program
 
         program = denoise_program(self, branches, width, height, steps, guidance, noise, probes=observe is not None,
-                                  mode=mode)
+                                  mode=mode, cache=cache)
         result = None
         try:
             while True:

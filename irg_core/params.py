@@ -91,6 +91,54 @@ def round_guidance(round_index: int, overrides: dict[str, Any], edit: bool = Fal
     return RoundGuidance(**merged)
 
 
+# Step caching (opt-in). The official TaylorSeer parameters and defaults: Bagel @ 056b5fd5
+# modeling/cache_utils/taylorseer.py `cache_init` (hard-coded there; `taylor_cache` True and `fresh_ratio` 0.0
+# are the only path it takes, so they are fixed here, not knobs).
+CACHE_METHODS: tuple[str, ...] = ("taylorseer",)
+MAX_CACHE_ORDER = 10
+
+
+@dataclass(frozen=True, slots=True)
+class StepCacheParams:
+    """`cache: {"method": "taylorseer", "fresh_threshold": 3, "first_enhance": 5, "max_order": 6}`."""
+
+    method: str = "taylorseer"
+    fresh_threshold: int = 3  # after the first phase, every fresh_threshold-th call of a branch runs the model
+    first_enhance: int = 5  # the first first_enhance calls of a branch run the model
+    max_order: int = 6  # highest Taylor order of the forecast
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepCacheParams:
+        """From a request's `cache` object; unknown keys and wrong types are a ParamError naming them."""
+        if not isinstance(d, dict):
+            raise ParamError("cache", 'must be an object like {"method": "taylorseer"}')
+        unknown = sorted(set(d) - {"method", "fresh_threshold", "first_enhance", "max_order"})
+        if unknown:
+            raise ParamError(f"cache.{unknown[0]}", "unknown cache parameter (known: method, fresh_threshold, "
+                                                    "first_enhance, max_order)")
+        out = cls(**d)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.method not in CACHE_METHODS:
+            raise ParamError("cache.method", f"must be one of {', '.join(CACHE_METHODS)}")
+        for name, lo, hi in (("fresh_threshold", 1, MAX_STEPS), ("first_enhance", 1, MAX_STEPS),
+                             ("max_order", 0, MAX_CACHE_ORDER)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ParamError(f"cache.{name}", f"must be an integer within [{lo}, {hi}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Live previews of an image while it is denoised: how many per image (0 = off) and how they are drawn.
+PREVIEW_DECODERS: tuple[str, ...] = ("fast", "vae")
+DEFAULT_PREVIEWS = 4  # the HTTP API's default per image (the library and CLI default to none)
+MAX_PREVIEWS = 50
+
+
 def image_rounds(mode: str, rounds: int) -> int:
     """How many images a trajectory draws."""
     return rounds if mode == "irg" else 1
@@ -114,6 +162,9 @@ class GenerationParams:
     # An edit: the prompt is an instruction about an input image given to `run_trajectory(images=...)`;
     # width/height are then derived from that image (the VAE transform's resize, as the official code does).
     edit: bool = False
+    cache: StepCacheParams | None = None  # None: exact (every step runs the model)
+    previews: int = 0  # x0 previews per image while denoising (0 = off)
+    preview_decoder: str = "fast"  # fast: linear latent -> RGB map; vae: the full VAE decode
 
     def resolved(self) -> GenerationParams:
         """Fill guidance per image round and the thought knobs left None with the mode's defaults; validate."""
@@ -152,10 +203,24 @@ class GenerationParams:
             raise ParamError("temperature", "must be within [0, 10]")
         for i, g in enumerate(self.guidance):
             g.validate(f"guidance[{i}]")
+        self._validate_extras()
+
+    def _validate_extras(self) -> None:
+        """The step cache and the previews."""
+        if self.cache is not None:
+            if not isinstance(self.cache, StepCacheParams):
+                raise ParamError("cache", "must be StepCacheParams")
+            self.cache.validate()
+        if isinstance(self.previews, bool) or not isinstance(self.previews, int) or \
+                not 0 <= self.previews <= MAX_PREVIEWS:
+            raise ParamError("previews", f"must be an integer within [0, {MAX_PREVIEWS}]")
+        if self.preview_decoder not in PREVIEW_DECODERS:
+            raise ParamError("preview_decoder", f"must be one of {', '.join(PREVIEW_DECODERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["guidance"] = [g.to_dict() for g in self.guidance]
+        d["cache"] = self.cache.to_dict() if self.cache is not None else None
         return d
 
 
@@ -225,7 +290,11 @@ class StageTiming:
     round: int
     seconds: float
     tokens: int = 0  # decoded tokens (thinking / reflection)
-    steps: int = 0  # model evaluations (image)
+    steps: int = 0  # denoising steps (image)
+    model_evaluations: int = 0  # image: steps at which the model ran (= steps without a step cache)
+    branch_evaluations: int = 0  # image: CFG-branch forward passes that ran
+    forecast_steps: int = 0  # image: steps whose every branch the step cache forecast
+    forecast_branch_calls: int = 0  # image: CFG-branch calls the step cache forecast
 
 
 @dataclass(slots=True)

@@ -43,8 +43,10 @@ from irg_core.params import (
     TrajectoryResult,
     image_rounds,
 )
+from irg_core.previews import downscale, preview_steps, x0_estimate
 from irg_core.sampling import cfg_active, cfg_combine, timesteps
 from irg_core.scheduler import Mark, elapsed
+from irg_core.step_cache import StepCounter, TaylorSeer, new_step_cache
 from irg_core.steps import (
     DecodeLatent,
     DecodeStep,
@@ -63,6 +65,7 @@ from irg_core.tokenizer import StreamDecoder
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM
 
 PROMPT_FILES = {"irg": "irg_system_prompt.txt", "think": "bagel_think_prompt.txt"}
+BRANCH_NAMES = ("cond", "no_text", "no_img")
 Gen = Generator[Any, Any, Any]
 
 
@@ -99,30 +102,79 @@ def decode_text(e: Engine, ctx: Context, max_tokens: int, temperature: float, se
 
 
 def denoise_program(e: Engine, branches: Branches, width: int, height: int, steps: int, g: RoundGuidance,
-                    noise: Tensor, probes: bool = False, round_index: int = 1, mode: str = "irg") -> Gen:
+                    noise: Tensor, probes: bool = False, round_index: int = 1, mode: str = "irg",
+                    cache: StepCounter | None = None, previews: int = 0, preview_decoder: str = "fast") -> Gen:
     """Denoise `noise` [N, 64] into a packed latent [N, 64]: one `DenoiseStep` per evaluated timestep, all
     guidance branches of a step in it; CFG and the Euler update here (BAGEL `generate_image`). `mode` picks
-    the state's dtype, as each official script keeps it (irg_core.numerics)."""
+    the state's dtype, as each official script keeps it (irg_core.numerics).
+
+    `cache` (irg_core.step_cache, one per round) counts the model evaluations and, for a TaylorSeer, decides per
+    step and branch whether the model runs or the branch's pre-final-norm hidden states are forecast: only the
+    branches that run go into the `DenoiseStep`, so a cached step never makes other jobs compute. `previews`
+    x0 estimates (x_t - t v_t) are drawn as `image.preview` events after their step's progress event."""
     d = e.cfg.latent_downsample
     ts = timesteps(steps, g.timestep_shift, e.device)
     on = cfg_active(ts.cpu(), g.interval)
     dts = ts[:-1] - ts[1:]
     loop = DenoiseLoop(guidance_branches(branches, g), height // d, width // d)
+    cache = cache if cache is not None else StepCounter()
+    wanted = set(preview_steps(steps - 1, previews))
     x = noise.to(e.device, precision(mode, e.dtype).state_dtype)
     for i in range(steps - 1):
         k = len(loop.contexts) if on[i] else 1
-        vs, _ = yield DenoiseStep(loop, x, ts[i], k)
+        vs = yield from _velocities(e, loop, x, ts[i], k, cache)
         v = cfg_combine(vs[0], vs[1] if k > 1 else None, vs[2] if k > 2 else None, g.text_scale if on[i] else 1.0,
                         g.image_scale if on[i] else 1.0, g.renorm, g.renorm_min)
         if probes:
-            for name, vb in zip(("cond", "no_text", "no_img"), vs):
+            for name, vb in zip(BRANCH_NAMES, vs):
                 yield Emit(EngineEvent("probe", {"name": name, "step": i, "value": vb}))
             yield Emit(EngineEvent("probe", {"name": "x_t", "step": i, "value": x}))
             yield Emit(EngineEvent("probe", {"name": "v_t", "step": i, "value": v}))
         yield Emit(EngineEvent("image.progress", {"round": round_index, "step": i + 1, "steps": steps - 1}))
+        if i in wanted:
+            pixels = yield from _preview(e, x0_estimate(x, v, ts[i]), width, height, preview_decoder, mode)
+            yield Emit(EngineEvent("image.preview", {"round": round_index, "step": i + 1, "steps": steps - 1,
+                                                     "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
+                                                     "decoder": preview_decoder}, image=pixels))
         x = x - v * dts[i]
     yield Free(loop)
     return x
+
+
+def _velocities(e: Engine, loop: DenoiseLoop, x: Tensor, t: Tensor, k: int, cache: StepCounter) -> Gen:
+    """The first k branches' velocities [k, N, 64] at this step: run by the model, or forecast by the cache."""
+    names = list(BRANCH_NAMES[:k])
+    full = cache.plan(names)
+    if not cache.forecasts:
+        vs, _ = yield DenoiseStep(loop, x, t, k)
+        return vs
+    assert isinstance(cache, TaylorSeer)
+    run = tuple(b for b in range(k) if full[b])
+    hs = None
+    if run:
+        vs, hs = yield DenoiseStep(loop, x, t, k, hidden=True, which=run)
+        if len(run) == k:  # every branch ran: keep its velocities, remember its hidden states
+            for b in range(k):
+                cache.branch(names[b]).update(hs[b])
+            return vs
+    parts = []
+    for b in range(k):
+        state = cache.branch(names[b])
+        if full[b]:
+            assert hs is not None
+            parts.append(hs[run.index(b)])
+            state.update(parts[-1])
+        else:
+            parts.append(state.forecast())
+    return e.velocity_from_hidden(torch.stack(parts))
+
+
+def _preview(e: Engine, x0: Tensor, width: int, height: int, decoder: str, mode: str) -> Gen:
+    """A small HWC uint8 picture of an x0 estimate: the fast linear map inline, or the VAE as a unit of work."""
+    if decoder == "vae":
+        image, _ = yield DecodeLatent(x0, width, height, mode)
+        return downscale(image, width, height)
+    return e.preview(x0, width, height, "fast")
 
 
 def prefill_image(ctx: Context, image: Image.Image, eps_seed: int) -> Gen:
@@ -173,9 +225,11 @@ class _Run:
         p, e = self.p, self.e
         n = (p.width // e.cfg.latent_downsample) * (p.height // e.cfg.latent_downsample)
         noise = initial_noise(p.seed + k - 1, n, e.cfg.patch_latent_dim)
+        cache = new_step_cache(p.cache)  # per round, never shared (the official state leaks across calls)
         draw = denoise_program(e, branches, p.width, p.height, p.steps, p.guidance[k - 1], noise, round_index=k,
-                               mode=p.mode)
+                               mode=p.mode, cache=cache, previews=p.previews, preview_decoder=p.preview_decoder)
         latent = yield from self.timed("image", k, draw, steps=p.steps - 1)
+        self.marks[-1][4].update(cache.counts())  # model evaluations and forecasts of this round
         _, pixels = yield from self.timed("decode", k, _unit(DecodeLatent(latent, p.width, p.height, p.mode)))
         if self.keep_tensors:
             self.result.tensors[f"round{k}.init_noise"] = noise

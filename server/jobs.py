@@ -17,6 +17,7 @@ from irg_core.params import (
     GenerationParams,
     ParamError,
     RoundGuidance,
+    StepCacheParams,
     UnderstandingParams,
     image_rounds,
     round_guidance,
@@ -222,7 +223,8 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
     params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
               "steps": steps, "seed": seed,
               "thinking": {"max_tokens": max_tokens, "temperature": temperature},
-              "guidance": guidance}
+              "guidance": guidance, "cache": opts.cache.model_dump() if opts.cache is not None else None,
+              "previews": opts.previews, "preview_decoder": opts.preview_decoder}
     if edit:
         assert inputs is not None
         params.update(edit=True, inputs=inputs.meta)
@@ -284,7 +286,9 @@ def generation_params(params: dict[str, Any]) -> GenerationParams:
         prompt=params["prompt"], mode=params["mode"], rounds=params["rounds"], width=params["width"],
         height=params["height"], steps=params["steps"],
         seed=params["seed"], max_think_tokens=params["thinking"]["max_tokens"],
-        temperature=params["thinking"]["temperature"], guidance=guidance, edit=bool(params.get("edit")))
+        temperature=params["thinking"]["temperature"], guidance=guidance, edit=bool(params.get("edit")),
+        cache=StepCacheParams(**params["cache"]) if params.get("cache") else None,
+        previews=int(params.get("previews", 0)), preview_decoder=params.get("preview_decoder", "fast"))
 
 
 def new_job(params: dict[str, Any], owner: str, image_b64: bool, job_id: str | None = None,

@@ -21,7 +21,7 @@ from server import metrics
 
 log = logging.getLogger(__name__)
 WARMUP = GenerationParams(prompt="warm-up", mode="irg", rounds=2, width=64, height=64, steps=3, seed=0,
-                          max_think_tokens=4)
+                          max_think_tokens=4, previews=1)  # previews: fits the fast preview map at start
 
 
 def _observe_forward(kind: str, rows: int) -> None:

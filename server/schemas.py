@@ -15,14 +15,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from irg_core.defaults import RECIPE
 from irg_core.params import (
+    DEFAULT_PREVIEWS,
     FIRST_ROUND,
     LATER_ROUND,
+    MAX_CACHE_ORDER,
     MAX_GUIDANCE_SCALE,
+    MAX_PREVIEWS,
     MAX_ROUNDS,
     MAX_STEPS,
     MAX_THINK_TOKENS,
     MAX_TIMESTEP_SHIFT,
     GenerationParams,
+    StepCacheParams,
 )
 from server.settings import BAGEL_MAX_SIDE
 
@@ -53,7 +57,14 @@ ALLOWED: dict[str, str] = {
     "size": "auto or WIDTHxHEIGHT, each a multiple of 16 within [16, 1024]",
     "partial_images": "an integer within [0, 3]",
     "output_compression": "an integer within [0, 100]",
+    "previews": f"an integer within [0, {MAX_PREVIEWS}]",
+    "preview_decoder": "one of fast, vae",
+    "method": "taylorseer",
+    "fresh_threshold": f"an integer within [1, {MAX_STEPS}]",
+    "first_enhance": f"an integer within [1, {MAX_STEPS}]",
+    "max_order": f"an integer within [0, {MAX_CACHE_ORDER}]",
 }
+CACHE_DEFAULTS = StepCacheParams()
 
 
 def _not_blank(v: str) -> str:
@@ -111,6 +122,18 @@ class GuidanceOptions(Request):
         return v
 
 
+class CacheOptions(Request):
+    """Opt-in step caching (not exact): TaylorSeer as the official BAGEL code runs it, official defaults."""
+
+    method: Literal["taylorseer"] = Field(description="taylorseer: forecast most denoising steps from the last "
+                                                      "computed ones (Taylor expansion per CFG branch)")
+    fresh_threshold: int = Field(CACHE_DEFAULTS.fresh_threshold, ge=1, le=MAX_STEPS,
+                                 description="after the first phase, every n-th call of a branch runs the model")
+    first_enhance: int = Field(CACHE_DEFAULTS.first_enhance, ge=1, le=MAX_STEPS,
+                               description="the first n calls of a branch run the model")
+    max_order: int = Field(CACHE_DEFAULTS.max_order, ge=0, le=MAX_CACHE_ORDER, description="highest Taylor order")
+
+
 class GenerationOptions(Request):
     """The knobs of a trajectory, shared by `/v1/generations` and the IRG extensions of the OpenAI route."""
 
@@ -125,6 +148,11 @@ class GenerationOptions(Request):
     thinking: ThinkingOptions = Field(default_factory=ThinkingOptions, description="thought decoding")
     guidance: list[GuidanceOptions] | None = Field(None, max_length=MAX_ROUNDS,
                                                    description="per image round, in order; missing rounds: defaults")
+    cache: CacheOptions | None = Field(None, description="step caching (faster, not exact); left out: exact")
+    previews: int = Field(DEFAULT_PREVIEWS, ge=0, le=MAX_PREVIEWS, description=(
+        "image.preview events per image while it is denoised (ephemeral: live watchers only; 0 = off)"))
+    preview_decoder: Literal["fast", "vae"] = Field(
+        "fast", description="fast: a linear latent->RGB map (microseconds); vae: the full VAE decode")
 
 
 class GenerateRequest(GenerationOptions):
@@ -212,6 +240,9 @@ class ResolvedParams(BaseModel):
     task: Literal["generate", "understand"] = "generate"
     edit: bool = Field(False, description="an edit of the input image: width/height follow it")
     inputs: list[InputImage] = Field(default_factory=list, description="the input images, in order")
+    cache: dict[str, Any] | None = Field(None, description="the step cache (method and parameters); null: exact")
+    previews: int = 0
+    preview_decoder: str = "fast"
 
 
 class TextOut(BaseModel):
@@ -242,7 +273,11 @@ class StageOut(BaseModel):
     round: int
     seconds: float
     tokens: int = Field(0, description="decoded tokens (thinking, reflection)")
-    steps: int = Field(0, description="model evaluations (image)")
+    steps: int = Field(0, description="denoising steps (image)")
+    model_evaluations: int = Field(0, description="image: steps at which the model ran")
+    branch_evaluations: int = Field(0, description="image: CFG-branch forward passes that ran")
+    forecast_steps: int = Field(0, description="image: steps the step cache forecast entirely")
+    forecast_branch_calls: int = Field(0, description="image: CFG-branch calls the step cache forecast")
 
 
 class Timings(BaseModel):

@@ -22,7 +22,9 @@ class ImageGenerationRequest(GenerationOptions):
     output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="default png")
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality (default 100)")
     stream: bool | None = Field(False, description="SSE: image_generation.partial_image (drafts), .completed")
-    partial_images: int | None = Field(None, ge=0, le=3, description="drafts to stream at most (default: all)")
+    partial_images: int | None = Field(None, ge=0, le=3, description=(
+        "partial images to stream at most: the drafts (default: up to 3); a number above the drafts also fills the "
+        "free slots with live previews of the image being drawn"))
     background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="transparent: unsupported")
     quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
         None, description="accepted and ignored (use steps)")

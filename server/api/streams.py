@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from server import metrics
 from server.events import StoredEvent, follow
+from server.live import merge_live, resumed_notice
 from server.queue.base import JobQueue, QueueUnavailable
 from server.settings import Settings
 
@@ -149,8 +150,22 @@ def bounded_response(content: AsyncIterator[Any], settings: Settings) -> Bounded
     return BoundedEventSourceResponse(content, ping=settings.sse_ping_s, send_timeout=settings.sse_send_timeout_s)
 
 
+async def _with_live(queue: JobQueue, job_id: str, after: str | None) -> AsyncIterator[bytes]:
+    """The durable events plus the job's ephemeral ones (previews, no SSE id; see server/live.py)."""
+    live = getattr(queue, "live", None)
+    if after is not None:
+        yield resumed_notice(after)
+    if live is None:
+        async for chunk in _events(queue, job_id, after):
+            yield chunk
+        return
+    async with live(job_id) as watcher:
+        async for chunk in merge_live(_events(queue, job_id, after), watcher):
+            yield chunk
+
+
 def event_response(queue: JobQueue, job_id: str, after: str | None, settings: Settings) -> EventSourceResponse:
-    return bounded_response(_events(queue, job_id, after), settings)
+    return bounded_response(_with_live(queue, job_id, after), settings)
 
 
 async def wait_for_end(queue: JobQueue, job_id: str, timeout: float) -> None:

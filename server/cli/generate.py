@@ -6,12 +6,12 @@ import argparse
 import json
 import secrets
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 from irg_core.defaults import DefaultsError, ModeDefaults
-from irg_core.params import GenerationParams, RoundGuidance, round_guidance
+from irg_core.params import GenerationParams, ParamError, RoundGuidance, StepCacheParams, round_guidance
 from server.cli.common import add_model_options, open_engine, show_weights_log
 from server.cli.errors import CommandError
 from server.defaults import serving_defaults
@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="edit this image (PNG, JPEG or WebP); the output size follows it, as in the official code")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
     p.add_argument("--save-tensors", action="store_true", help="also write tensors.safetensors (noise, latents)")
+    p.add_argument("--previews", type=int, default=0, metavar="N",
+                   help="write N previews per image while it is denoised to OUT/previews/ (default 0)")
+    p.add_argument("--preview-decoder", choices=("fast", "vae"), default="fast",
+                   help="fast: linear latent->RGB map (default); vae: full VAE decode")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -46,6 +50,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=Path, metavar="FILE.json",
                    help='per-round guidance: {"rounds": [{"text_scale": 4, "interval": [0.4, 1], ...}, ...]}')
     p.add_argument("--system-prompt-file", type=Path, help="system prompt (default: the mode's own)")
+    p.add_argument("--cache", choices=("none", "taylorseer"), default="none",
+                   help="step cache: taylorseer forecasts most denoising steps (faster, not exact; default none)")
+    p.add_argument("--cache-options", metavar="JSON",
+                   help='TaylorSeer parameters, e.g. \'{"fresh_threshold": 3, "first_enhance": 5, "max_order": 6}\'')
 
 
 def read_guidance(path: Path | None, edit: bool = False) -> tuple[RoundGuidance, ...]:
@@ -101,8 +109,9 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
         prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=pick(args.width, d.width),
         height=pick(args.height, d.height), steps=pick(args.steps, d.steps), seed=seed,
         max_think_tokens=pick(args.max_think_tokens, d.max_think_tokens),
-        temperature=pick(args.temperature, d.temperature),
-        guidance=read_guidance(args.guidance, edit), system_prompt=system, edit=edit).resolved()
+        temperature=pick(args.temperature, d.temperature), guidance=read_guidance(args.guidance, edit),
+        system_prompt=system, edit=edit, cache=read_cache(args)).resolved()
+
 
 def read_image(path: Path):  # -> PIL.Image.Image
     """An input image file through the server's input rules (format, limits, EXIF, RGB as the official code)."""
@@ -116,6 +125,24 @@ def read_image(path: Path):  # -> PIL.Image.Image
         return decode_image(data)
     except ImageInputError as e:
         raise CommandError(f"--image {path}: {e.message}") from e
+
+
+def read_cache(args: argparse.Namespace) -> StepCacheParams | None:
+    options = getattr(args, "cache_options", None)
+    if getattr(args, "cache", "none") == "none":
+        if options:
+            raise CommandError("--cache-options needs --cache taylorseer")
+        return None
+    try:
+        extra = json.loads(options) if options else {}
+    except json.JSONDecodeError as e:
+        raise CommandError(f"--cache-options: not JSON ({e})") from e
+    if not isinstance(extra, dict):
+        raise CommandError("--cache-options: expected a JSON object")
+    try:
+        return StepCacheParams.from_dict({"method": args.cache, **extra})
+    except (ParamError, TypeError) as e:
+        raise CommandError(f"--cache-options: {e}") from e
 
 
 class Progress:
@@ -157,20 +184,43 @@ class Progress:
         self.bar, self.key = None, None
 
 
+class PreviewWriter:
+    """Writes each `image.preview` to DIR/round-K-step-SSS.jpg, passing every event on."""
+
+    def __init__(self, directory: Path, then: Any):
+        self.dir, self.then = directory, then
+        self.written: list[Path] = []
+
+    def __call__(self, event: Any) -> None:
+        if event.type == "image.preview":
+            from server.publish import encode_preview
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / f"round-{event.data['round']}-step-{event.data['step']:03d}.jpg"
+            path.write_bytes(encode_preview(event.image))
+            self.written.append(path)
+        self.then(event)
+
+
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from irg_core.trajectory import run_trajectory
 
-    params = params_from_args(args)
+    params = replace(params_from_args(args), previews=args.previews, preview_decoder=args.preview_decoder)
+    try:
+        params.validate()
+    except ParamError as e:
+        raise CommandError(f"--{e.field.replace('_', '-')}: {e.message}") from e
     show_weights_log()
     images = [read_image(args.image)] if args.image is not None else []
     engine = open_engine(args)
-    progress = Progress(not args.quiet, params.max_think_tokens)
-    result = run_trajectory(engine, params, on_event=progress, keep_tensors=args.save_tensors, images=images)
-    progress.close()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(not args.quiet, params.max_think_tokens)
+    on_event = PreviewWriter(out / "previews", progress) if params.previews else progress
+    result = run_trajectory(engine, params, on_event=on_event, keep_tensors=args.save_tensors, images=images)
+    progress.close()
     for r in result.rounds:
         Image.fromarray(r.image).save(out / f"round-{r.index}.png")
     record = trajectory_record(result, engine)
@@ -188,10 +238,24 @@ def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
     return {
         "prompt": p.prompt, "mode": p.mode, "edit": p.edit, "seed": p.seed, "width": p.width, "height": p.height,
         "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
+        "cache": p.cache.to_dict() if p.cache is not None else None,
+        "previews": p.previews, "preview_decoder": p.preview_decoder,
         "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
                     "guidance": r.guidance.to_dict(), "truncated": r.truncated,
+                    "denoising": denoising_counts(result, r.index),
                     "image": f"round-{r.index}.png"} for r in result.rounds],
         "timings": [asdict(s) for s in result.stages],
         "total_seconds": result.total_seconds,
         "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
     }
+
+
+COUNT_KEYS = ("model_evaluations", "branch_evaluations", "forecast_steps", "forecast_branch_calls")
+
+
+def denoising_counts(result: Any, round_index: int) -> dict[str, int]:
+    """A round's denoising steps, the model evaluations that ran and those the step cache forecast."""
+    stage = next((s for s in result.stages if s.stage == "image" and s.round == round_index), None)
+    if stage is None:
+        return {}
+    return {"steps": stage.steps, **{k: getattr(stage, k) for k in COUNT_KEYS}}

@@ -27,6 +27,7 @@ class Keys:
         self.events_prefix = f"{p}:events:"  # STREAM {p}:events:{id}: the job's events; entry ids = SSE ids
         self.image_prefix = f"{p}:image:"  # STRING {p}:image:{id}:{round}: PNG bytes
         self.worker_prefix = f"{p}:worker:"  # STRING {p}:worker:{name}: heartbeat JSON, PX 3 x heartbeat
+        self.live_prefix = f"{p}:live:"  # PUB/SUB channel {p}:live:{id}: ephemeral events (previews), not stored
 
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
@@ -42,6 +43,9 @@ class Keys:
 
     def image(self, job_id: str, round_index: int) -> str:
         return f"{self.image_prefix}{job_id}:{round_index}"
+
+    def live(self, job_id: str) -> str:
+        return self.live_prefix + job_id
 
     def worker(self, name: str) -> str:
         return self.worker_prefix + name

@@ -8,15 +8,18 @@ writer wakes waiting readers with `call_soon_threadsafe` on their own loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 from server.events import CANCELLED, FAILED, QUEUED, STARTED, StoredEvent
 from server.jobs import JobRecord
+from server.live import LiveEvent, LiveHub, Watcher
 from server.queue.base import Claim, LeaseLost, QueueFull, WorkerInfo, attempts_exhausted
 from server.settings import Settings
 
@@ -48,6 +51,7 @@ class MemoryQueue:
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._readers: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
         self._tokens = 0
+        self._live = LiveHub()  # ephemeral events (previews) to the live watchers only
 
     # -- shared pieces (call with the lock held) ------------------------------------------------------
     def _append(self, job_id: str, type_: str, data: dict[str, Any]) -> str:
@@ -193,6 +197,16 @@ class MemoryQueue:
                 self._jobs[claim.job.id].update(fields)
             claim.seq += 1
             return self._append(claim.job.id, type_, data)
+
+    def emit_live(self, claim: Claim, type_: str, data: dict[str, Any]) -> None:
+        """An ephemeral event to whoever watches the job now (never stored, never waits)."""
+        self._live.publish(claim.job.id, LiveEvent(type_, _dumps(data)))
+
+    @contextlib.asynccontextmanager
+    async def live(self, job_id: str) -> AsyncIterator[Watcher]:
+        """The job's ephemeral events from now on, while the context is open."""
+        with self._live.watch(job_id) as w:
+            yield w
 
     def put_image(self, claim: Claim, round_index: int, png: bytes) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ from the worker loop and its timer thread). Keys are in `keys.py`, the atomic st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -21,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from server.events import StoredEvent
 from server.jobs import API_FIELDS, TERMINAL_STATUSES, JobRecord
+from server.live import LiveEvent, RedisLive, Watcher
 from server.queue import lua
 from server.queue.base import Claim, LeaseLost, QueueFull, QueueUnavailable, WorkerInfo, attempts_exhausted
 from server.queue.durability import check_async
@@ -80,6 +82,7 @@ class RedisJobQueue:
         streams = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
             url, max_connections=STREAM_CONNECTIONS, **async_client_options()))
         self.fanout = Fanout(streams)
+        self.live_events = RedisLive(streams, self.k.live_prefix)  # one subscription per API process
         self._submit = self.r.register_script(lua.SUBMIT)
         self._cancel = self.r.register_script(lua.CANCEL)
 
@@ -120,6 +123,10 @@ class RedisJobQueue:
                     return to_events(got)
             return await follower.wait_after(after, timeout)
 
+    def live(self, job_id: str) -> contextlib.AbstractAsyncContextManager[Watcher]:
+        """The job's ephemeral events (previews) from now on, while the context is open."""
+        return self.live_events.watch(job_id)
+
     @_available
     async def get_image(self, job_id: str, round_index: int) -> bytes | None:
         data: bytes | None = await self.r.get(self.k.image(job_id, round_index))
@@ -155,6 +162,7 @@ class RedisJobQueue:
         return [WorkerInfo.from_dict(json.loads(b)) for b in beats if b is not None]
 
     async def close(self) -> None:
+        await self.live_events.close()
         await self.fanout.close()
         await self.r.aclose()
         await self.fanout.r.aclose()
@@ -218,6 +226,13 @@ class RedisWorkerQueue:
         keys = [self.k.lease(claim.job.id), self.k.job(claim.job.id), self.k.events(claim.job.id)]
         args = [claim.token, type_, _json(data), claim.seq, *_flat(fields or {})]
         return text(self._persist(lambda: self._emit(keys=keys, args=args)))
+
+    def emit_live(self, claim: Claim, type_: str, data: dict[str, Any]) -> None:
+        """An ephemeral event (PUBLISH, not stored); best effort: a failure drops it and never stops the job."""
+        try:
+            self.r.publish(self.k.live(claim.job.id), LiveEvent(type_, _json(data)).to_json())
+        except redis.RedisError as e:
+            log.debug("job=%s live event dropped: %s", claim.job.id, e)
 
     def put_image(self, claim: Claim, round_index: int, png: bytes) -> None:
         key = self.k.image(claim.job.id, round_index)

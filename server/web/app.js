@@ -157,7 +157,7 @@ function showFacts(job) {
 
 function onEvent(run, type, data, id) {
   const { state, stream } = run;
-  state.events.push({ id, type });
+  if (id !== null && id !== undefined) state.events.push({ id, type }); // live events (previews) carry no id
   if (stream.jobId && !state.jobId) onJobId(run, stream.jobId);
   const k = data.round ?? 1;
   const textKey = `${type.split(".")[0]}-${k}`; // thinking-1, reflection-2 ...
@@ -187,6 +187,14 @@ function onEvent(run, type, data, id) {
     case "image.progress":
       view.progress(k, data.step, data.steps);
       view.status(`Drawing the ${title(k)}: step ${data.step} of ${data.steps}.`);
+      break;
+    case "image.preview": // ephemeral: the image forming (x0 estimate), replaced by image.done
+      if (!state.images[k] && data.b64) {
+        view.preview(k, `data:image/${data.format ?? "jpeg"};base64,${data.b64}`, data.step, data.steps);
+        state.previews = (state.previews ?? 0) + 1;
+      }
+      break;
+    case "stream.resumed": // previews sent while disconnected are not replayed; durable events are
       break;
     case "image.done":
       loadImage(run, k, data);

@@ -179,9 +179,23 @@ export class TrajectoryView {
     placeholder.textContent = `Denoising · step ${step} of ${steps}`;
   }
 
+  /** Show a preview of round k while it is denoised (a data: URL); the finished image replaces it. */
+  preview(k, src, step, steps) {
+    const { img, placeholder, el } = this.card(k);
+    if (el.classList.contains("has-image")) return;
+    img.alt = `Preview of round ${k} at step ${step} of ${steps}`;
+    img.src = src;
+    img.hidden = false;
+    img.classList.add("preview");
+    placeholder.hidden = true;
+    el.dataset.previewStep = step;
+  }
+
   /** Show round k's image from a blob URL (made by the caller, revoked on reset). */
   image(k, src, alt) {
     const { img, placeholder, bar, barLabel, state, el } = this.card(k);
+    img.classList.remove("preview");
+    delete el.dataset.previewStep;
     this.blobUrls.push(src);
     img.alt = alt;
     img.src = src;

@@ -105,3 +105,31 @@ def test_init_demo_writes_a_loadable_official_layout(irg_on_path, tmp_path: Path
 
     m = load_model(tmp_path / "demo", device="cpu")
     assert len(m.tokenizer) == 151665
+
+
+def test_taylorseer_golden_mode_and_previews_from_the_command_line(irg_on_path, golden_dir: Path,
+                                                                    demo_dir: Path, tmp_path: Path) -> None:
+    """golden_modes_check.py direct_taylorseer (9 of 19 steps, as the official cache); --previews N files."""
+    modes = golden_dir.parent / "tiny_bagel_modes"
+    p = subprocess.run([sys.executable, str(SHARED / "checks" / "golden_modes_check.py"), str(modes),
+                        "direct_taylorseer"], env=irg_on_path, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0 and "1 modes within tolerance" in p.stdout, p.stdout + p.stderr
+    assert "model_evaluations=9" in p.stdout
+    out = tmp_path / "out"
+    p = irg(irg_on_path, "generate", "a fox", "--model-dir", str(demo_dir), "--mode", "direct", "--width", "128",
+            "--height", "64", "--steps", "12", "--seed", "1", "--previews", "3", "--cache", "taylorseer",
+            "--out", str(out), "--quiet")
+    assert p.returncode == 0, p.stderr
+    files = sorted((out / "previews").iterdir())
+    assert [f.name for f in files] == ["round-1-step-003.jpg", "round-1-step-006.jpg", "round-1-step-009.jpg"]
+    assert all(Image.open(f).size == (128, 64) for f in files)
+    record = json.loads((out / "trajectory.json").read_text())
+    assert record["cache"]["method"] == "taylorseer" and record["previews"] == 3
+    # 11 steps, CFG on (t > 0.4) at steps 0-8: cond calls 0-10 full at 0-4, 7, 10 (7 full, 4 forecast);
+    # no_text calls 0-8 full at 0-4, 7 (6 full, 3 forecast)
+    assert record["rounds"][0]["denoising"] == {"steps": 11, "model_evaluations": 7, "branch_evaluations": 13,
+                                                "forecast_steps": 4, "forecast_branch_calls": 7}
+    for bad in (["--previews", "-1"], ["--cache-options", "{\"max_order\": 2}"], ["--cache", "taylorseer",
+                                                                                    "--cache-options", "[1]"]):
+        p = irg(irg_on_path, "generate", "x", "--model-dir", str(demo_dir), "--out", str(tmp_path / "bad"), *bad)
+        assert p.returncode != 0 and "Traceback" not in p.stderr and bad[0] in p.stderr, p.stderr

@@ -57,12 +57,13 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict[str, str]]:
             event[name] = value[1:] if value.startswith(" ") else value
 
 
-def read_stream(client: httpx.Client, method: str, url: str, **kw: Any) -> list[dict[str, Any]]:
-    """A whole SSE response as events with their JSON data parsed (asserts it is a 200 event stream)."""
+def read_stream(client: httpx.Client, method: str, url: str, live: bool = False, **kw: Any) -> list[dict[str, Any]]:
+    """A whole SSE response as events with their JSON data parsed (asserts it is a 200 event stream). Only the
+    durable events (those with an id) unless `live`: ephemeral ones (image.preview, stream.resumed) too."""
     with client.stream(method, url, **kw) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        return [dict(e, data=json.loads(e["data"])) for e in sse_events(r.iter_lines())]
+        return [dict(e, data=json.loads(e["data"])) for e in sse_events(r.iter_lines()) if live or "id" in e]
 
 
 class FakeHandle:

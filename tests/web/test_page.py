@@ -333,3 +333,31 @@ def test_event_parser_handles_any_chunking(browser, server):
         {"id": None, "event": "message", "data": "caf\u00e9"},
     ]
     assert order == [-1, 1, 1, 1, 0]
+
+
+def test_the_image_forms_in_place_while_it_is_denoised(browser, server, artifacts):
+    """Live previews (image.preview, ephemeral) replace the placeholder mid-denoising; the finished image
+    replaces the last preview. A screenshot is taken while round 1 is still being drawn."""
+    open_page(browser, server)
+    fill(browser, width=256, height=256, steps=40, max_tokens=8)
+    browser.find_element(By.ID, "submit").click()
+    card = ".round[data-round='1']"
+    wait_for(browser, f"const c = document.querySelector(\"{card}\"); const i = c && c.querySelector('img');"
+             "return i && !i.hidden && i.classList.contains('preview') && i.src.startsWith('data:image/jpeg') && "
+             "i.complete && i.naturalWidth === 256 && !c.classList.contains('has-image')",
+             "a preview of round 1 while it is denoised")
+    step = int(browser.execute_script(f"return document.querySelector(\"{card}\").dataset.previewStep"))
+    assert 1 <= step < 39, step
+    path = artifacts / "forming.png"
+    path.unlink(missing_ok=True)
+    assert browser.save_screenshot(str(path)), "the browser could not take a screenshot"
+    with Image.open(path) as shot:
+        assert shot.size[0] == 1400 and len(set(shot.convert("RGB").get_flattened_data())) > 100
+
+    s = wait_until_ended(browser)
+    assert s["status"] == "succeeded", report(browser)
+    assert s["previews"] >= 4, s.get("previews")
+    assert all(e["id"] for e in s["events"]), "a live event was recorded as a durable one"
+    wait_for(browser, "const imgs = [...document.querySelectorAll('#rounds-view img')];"
+             "return imgs.length === 2 && imgs.every((i) => !i.classList.contains('preview') && "
+             "i.src.startsWith('blob:') && i.complete && i.naturalWidth === 256)", "the finished images", 30)

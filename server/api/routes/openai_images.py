@@ -21,8 +21,9 @@ from server import metrics
 from server.api.deps import DefaultsDep, OwnerDep, QueueDep, SettingsDep, get_owner, require_json
 from server.api.errors import ApiError
 from server.api.streams import bounded_response, sse_content, wait_for_end
-from server.events import COMPLETED, follow
+from server.events import COMPLETED, StoredEvent, follow
 from server.jobs import JobRecord, RequestError, build_params, image_url, new_job
+from server.live import LiveEvent, merge_items
 from server.queue.base import JobQueue, QueueFull
 from server.schemas_openai import ImageData, ImageGenerationRequest, ImagesResponse, ImageUsage
 
@@ -36,11 +37,12 @@ class Output:
     compression: int
     size: str
 
-    def encode(self, png: bytes) -> str:
-        if self.format != "png":
+    def encode(self, png: bytes, always: bool = False) -> str:
+        """Base64 of the image in the requested format (PNG bytes pass through unless `always`)."""
+        if self.format != "png" or always:
             image = Image.open(io.BytesIO(png)).convert("RGB")
             buf = io.BytesIO()
-            image.save(buf, self.format.upper(), quality=self.compression)
+            image.save(buf, self.format.upper(), **({} if self.format == "png" else {"quality": self.compression}))
             png = buf.getvalue()
         return base64.b64encode(png).decode("ascii")
 
@@ -101,7 +103,10 @@ async def create_images(body: ImageGenerationRequest, request: Request, queue: Q
                     f"{params['width']}x{params['height']}")
     if body.stream:
         limit = 3 if body.partial_images is None else body.partial_images
-        return bounded_response(_stream(queue, jobs[0].id, output, limit), settings)
+        # previews fill the slots the drafts leave only when partial_images is asked for explicitly
+        drafts = params["rounds"] - 1 if params["mode"] == "irg" else 0
+        drafts = drafts if body.partial_images is not None else limit
+        return bounded_response(_stream(queue, jobs[0].id, output, limit, drafts), settings)
     return await _collect(queue, jobs, body, output, request, settings.wait_timeout_s)
 
 
@@ -133,21 +138,51 @@ async def _collect(queue: JobQueue, jobs: list[JobRecord], body: ImageGeneration
     return JSONResponse(response.model_dump(mode="json", exclude_none=True))
 
 
-async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int,
+async def _job_events(queue: JobQueue, job_id: str) -> AsyncIterator[StoredEvent | LiveEvent]:
+    """The job's durable events, with its live previews in between when the queue has them."""
+    durable = (e async for batch in follow(queue, job_id) for e in batch)
+    live = getattr(queue, "live", None)
+    if live is None:
+        async for event in durable:
+            yield event
+        return
+    async with live(job_id) as watcher:
+        async for item in merge_items(durable, watcher):
+            yield item
+
+
+async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int, drafts: int | None = None,
                   prefix: str = "image_generation") -> AsyncIterator[ServerSentEvent]:
-    """OpenAI's image stream: `{prefix}.partial_image` per draft (at most `limit`), then `{prefix}.completed`."""
+    """OpenAI's image stream: `{prefix}.partial_image` per draft (at most `limit`), then `{prefix}.completed`.
+    Slots the drafts leave free (`drafts`: how many the job draws; None: all `limit`) go to live previews of the
+    image being drawn (x0 estimates, at preview size, as they come), never taking a slot a draft needs."""
     common = {"background": "opaque", "output_format": output.format, "quality": "auto", "size": output.size}
     index = 0
-    async for event in (e async for batch in follow(queue, job_id) for e in batch):
+    drafts_left = limit if drafts is None else drafts
+
+    def partial(b64: str, **extra: Any) -> ServerSentEvent:
+        nonlocal index
+        kind = f"{prefix}.partial_image"
+        payload = {"type": kind, "b64_json": b64, "created_at": int(time.time()), "partial_image_index": index,
+                   **common, **extra}
+        index += 1
+        return ServerSentEvent(data=json.dumps(payload), event=kind)
+
+    async for event in _job_events(queue, job_id):
+        if isinstance(event, LiveEvent):
+            if event.type == "image.preview" and index + drafts_left < limit:
+                d = json.loads(event.data)
+                yield partial(output.encode(base64.b64decode(d["b64"]), always=True),
+                              irg_preview={"round": d["round"], "step": d["step"], "steps": d["steps"],
+                                           "width": d["width"], "height": d["height"]})
+            continue
         data = json.loads(event.data)
+        if event.type == "image.done" and data["kind"] == "draft":
+            drafts_left -= 1
         if event.type == "image.done" and data["kind"] == "draft" and index < limit:
             png = await queue.get_image(job_id, data["round"])
             if png is not None:
-                kind = f"{prefix}.partial_image"
-                payload = {"type": kind, "b64_json": output.encode(png), "created_at": int(time.time()),
-                           "partial_image_index": index, **common}
-                index += 1
-                yield ServerSentEvent(data=json.dumps(payload), event=kind)
+                yield partial(output.encode(png))
         elif event.type == COMPLETED:
             png = await queue.get_image(job_id, data["params"]["rounds"])
             kind = f"{prefix}.completed"
