@@ -84,6 +84,16 @@ def read_config(value: Path) -> tuple[dict, str]:
     return config, where
 
 
+def check_attention(args: argparse.Namespace) -> None:
+    """Fail at start, with the extra to install, when the asked-for attention backend cannot run here."""
+    from irg_core.attention import BackendUnavailable, make_backend
+
+    try:
+        make_backend(args.attention)
+    except BackendUnavailable as e:
+        raise CommandError(f"--attention {args.attention}: {e}") from e
+
+
 def open_engine(args: argparse.Namespace) -> Engine:
     import torch
 

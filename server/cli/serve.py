@@ -10,7 +10,7 @@ import logging
 import socket
 from typing import Any
 
-from server.cli.common import add_model_options
+from server.cli.common import add_model_options, check_attention
 from server.cli.errors import CommandError
 
 log = logging.getLogger("server.serve")
@@ -58,6 +58,7 @@ def embedded_worker(args: argparse.Namespace, settings: Any, on_fatal: Any) -> t
     from server.worker import WorkerThread
 
     model_args = engine_args(args, settings)
+    check_attention(model_args)  # before anything starts: a missing extra is named at once
 
     def load() -> Any:  # on the worker thread: torch loads while the API already answers
         from server.runner import EngineRunner

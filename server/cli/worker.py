@@ -7,7 +7,7 @@ import argparse
 import logging
 import signal
 
-from server.cli.common import add_model_options
+from server.cli.common import add_model_options, check_attention
 from server.cli.errors import CommandError
 from server.cli.serve import LOG_FORMAT, engine_args, settings_from
 
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:
         raise CommandError(f"redis {settings.redis_url} is unreachable: {e}") from e
     check_sync(queue.r, "worker")
+    check_attention(args)
     from server.runner import EngineRunner  # torch: after what can be checked in a second
     from server.worker import Worker
     if settings.worker_metrics_port is not None:

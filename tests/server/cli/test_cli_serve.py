@@ -73,3 +73,13 @@ def test_commands_refuse_what_cannot_work(args: list[str], message: str) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("IRG_")}
     out = subprocess.run(python_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(("backend", "extra"), [("flash", ".[flash]"), ("xformers", ".[xformers]")])
+def test_an_attention_backend_without_its_package_fails_at_start_naming_the_extra(
+        backend: str, extra: str, tmp_path: Path) -> None:
+    for command in (["serve", "--port", str(free_port())], ["worker", "--redis", REDIS_URL]):
+        p = subprocess.run(python_cmd(*command, "--attention", backend, "--device", "cpu"), cwd=REPO,
+                           env=dict(os.environ, IRG_HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (command, p.stderr[-2000:])
+        assert f"pip install {extra}" in p.stderr and "Traceback" not in p.stderr
