@@ -60,8 +60,10 @@ def main() -> int:
     graphed = greedy(graphed_engine, prompt, 48)
     record["graph_equals_eager"] = graphed == eager
     record["graphs_captured"] = graphed_engine.decoder.captured
-    print(f"captured decode == eager (48 greedy tokens, golden, bf16): {graphed == eager} "
-          f"({graphed_engine.decoder.captured} graph(s) captured)")
+    print(
+        f"captured decode == eager (48 greedy tokens, golden, bf16): {graphed == eager} "
+        f"({graphed_engine.decoder.captured} graph(s) captured)"
+    )
     del loaded, graphed_engine
     torch.cuda.empty_cache()
 

@@ -54,17 +54,29 @@ def publish_loop(queue: Any, stop: threading.Event) -> None:
         start = time.perf_counter()
         for i in range(events):
             time.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            queue.emit(claim, "image.progress", {"job_id": claim.job.id, "round": 1, "step": i + 1,
-                                                 "steps": events, "t": time.time()})
-        queue.finish(claim, COMPLETED, {"job_id": claim.job.id, "t": time.time()},
-                     {"status": "succeeded", "finished_at": str(time.time())})
+            queue.emit(
+                claim,
+                "image.progress",
+                {"job_id": claim.job.id, "round": 1, "step": i + 1, "steps": events, "t": time.time()},
+            )
+        queue.finish(
+            claim,
+            COMPLETED,
+            {"job_id": claim.job.id, "t": time.time()},
+            {"status": "succeeded", "finished_at": str(time.time())},
+        )
 
 
 def settings_for(backend: str, redis_url: str, prefix: str) -> Any:
     from server.settings import Settings
 
-    return Settings(redis_url=redis_url if backend == "redis" else None, redis_prefix=prefix, queue_max=1_000_000,
-                    sse_ping_s=15, lease_s=60)
+    return Settings(
+        redis_url=redis_url if backend == "redis" else None,
+        redis_prefix=prefix,
+        queue_max=1_000_000,
+        sse_ping_s=15,
+        lease_s=60,
+    )
 
 
 def serve(backend: str, port: int, redis_url: str, prefix: str, publisher: bool) -> None:
@@ -140,7 +152,7 @@ async def watch(url: str, path: str, lat: list[float]) -> int:
             received += 1
             stamp = line.find(b'"t":')
             if stamp >= 0:
-                lat.append(now - float(line[stamp + 4:].rstrip(b"}\r")))
+                lat.append(now - float(line[stamp + 4 :].rstrip(b"}\r")))
     writer.close()
     return received
 
@@ -156,9 +168,15 @@ async def fan_out(url: str, watchers: int, events: int, rate: float) -> dict[str
     counts = await asyncio.gather(*(watch(url, path, lat) for _ in range(watchers)))
     elapsed = time.perf_counter() - start - delay
     expected = events + 3  # queued, started, the events, completed
-    return {"watchers": watchers, "complete": sum(c == expected for c in counts), "events": sum(counts),
-            "deliveries_per_s": sum(counts) / elapsed, "p50_ms": 1000 * pct(lat, 50),
-            "p99_ms": 1000 * pct(lat, 99), "max_ms": 1000 * max(lat)}
+    return {
+        "watchers": watchers,
+        "complete": sum(c == expected for c in counts),
+        "events": sum(counts),
+        "deliveries_per_s": sum(counts) / elapsed,
+        "p50_ms": 1000 * pct(lat, 50),
+        "p99_ms": 1000 * pct(lat, 99),
+        "max_ms": 1000 * max(lat),
+    }
 
 
 def wait_http(url: str) -> None:
@@ -182,8 +200,11 @@ class Server:
         port, self.prefix = free_port(), f"irgbench:{uuid.uuid4().hex[:8]}"
         self.url = f"http://127.0.0.1:{port}"
         me = [sys.executable, str(Path(__file__).resolve()), "--redis", redis_url, "--prefix", self.prefix]
-        self.procs = [subprocess.Popen([*me, "--serve", backend, "--port", str(port),
-                                        *(["--with-publisher"] if publisher else [])], cwd=REPO)]
+        self.procs = [
+            subprocess.Popen(
+                [*me, "--serve", backend, "--port", str(port), *(["--with-publisher"] if publisher else [])], cwd=REPO
+            )
+        ]
         if backend == "redis" and publisher:
             self.procs.append(subprocess.Popen([*me, "--publish"], cwd=REPO))
         wait_http(self.url)
@@ -224,10 +245,12 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ]
     for r in results:
         s, one, fan = r["submit"], r["one"], r["fan"]
-        rows.append(f"| {r['backend']} | {s['per_s']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} | "
-                    f"{one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {fan['complete']}/{fan['watchers']} | "
-                    f"{fan['deliveries_per_s']:.0f} | {fan['p50_ms']:.1f} / {fan['p99_ms']:.1f} / "
-                    f"{fan['max_ms']:.1f} |")
+        rows.append(
+            f"| {r['backend']} | {s['per_s']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} | "
+            f"{one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {fan['complete']}/{fan['watchers']} | "
+            f"{fan['deliveries_per_s']:.0f} | {fan['p50_ms']:.1f} / {fan['p99_ms']:.1f} / "
+            f"{fan['max_ms']:.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -255,8 +278,10 @@ def main() -> int:
         return 0
     backends = ("memory", "redis") if args.backend == "both" else (args.backend,)
     results = [run_backend(b, args) for b in backends]
-    sys.stdout.write(f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}; {args.submissions} submissions at "
-                     f"concurrency {args.concurrency}; {args.events} events at {args.rate:g}/s\n")
+    sys.stdout.write(
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}; {args.submissions} submissions at "
+        f"concurrency {args.concurrency}; {args.events} events at {args.rate:g}/s\n"
+    )
     sys.stdout.write(table(results, args) + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -64,8 +64,10 @@ def main(argv: list[str]) -> int:
         else:
             got = claim(gpus, lock_dir)
             if got is None:
-                say(f"irg-claim-gpu: error: all {len(gpus)} GPUs of this machine are held by other workers "
-                    f"(locks in {lock_dir}); run at most {len(gpus)} workers here")
+                say(
+                    f"irg-claim-gpu: error: all {len(gpus)} GPUs of this machine are held by other workers "
+                    f"(locks in {lock_dir}); run at most {len(gpus)} workers here"
+                )
                 return 1
             env["CUDA_VISIBLE_DEVICES"] = got[0]
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the same numbering in every container

@@ -75,9 +75,13 @@ class DecodeBuffers:
     @classmethod
     def allocate(cls, batch: int, capacity: int, device: torch.device) -> DecodeBuffers:
         long = dict(dtype=torch.long, device=device)
-        return cls(torch.zeros(batch, **long), torch.zeros(batch, **long), torch.zeros(batch, **long),
-                   torch.zeros(batch, capacity, **long),
-                   torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device))
+        return cls(
+            torch.zeros(batch, **long),
+            torch.zeros(batch, **long),
+            torch.zeros(batch, **long),
+            torch.zeros(batch, capacity, **long),
+            torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device),
+        )
 
     @property
     def batch(self) -> int:
@@ -93,7 +97,7 @@ def gather_pages(pool: Tensor, pages: tuple[int, ...], length: int, meta: AttnMe
     else a gather (its index tensor is kept in `meta`, so a denoising loop uploads it once)."""
     first = pages[0]
     if pages == tuple(range(first, first + len(pages))):
-        return pool[first:first + len(pages)].flatten(0, 1)[:length]
+        return pool[first : first + len(pages)].flatten(0, 1)[:length]
     cache = meta._device_cache if meta is not None else {}
     key = ("pages", pages)
     index = cache.get(key)
@@ -112,17 +116,19 @@ class SdpaBackend:
         for s in meta.seqs:
             kv = keys.get((s.pages, s.kv_len))
             if kv is None:
-                kv = keys[(s.pages, s.kv_len)] = (gather_pages(k_pool, s.pages, s.kv_len, meta),
-                                                  gather_pages(v_pool, s.pages, s.kv_len, meta))
+                kv = keys[(s.pages, s.kv_len)] = (
+                    gather_pages(k_pool, s.pages, s.kv_len, meta),
+                    gather_pages(v_pool, s.pages, s.kv_len, meta),
+                )
             k, v = (t.transpose(0, 1).unsqueeze(0) for t in kv)  # [1, Hkv, L, D]
-            qs = q[s.q_start:s.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            qs = q[s.q_start : s.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             n, length = s.q_end - s.q_start, s.kv_len
             mask = None
             if meta.causal and n > 1:  # query row i sees the past and new rows 0..i (bottom-right aligned)
                 rows = torch.arange(n, device=q.device)[:, None] + (length - n)
                 mask = torch.arange(length, device=q.device)[None, :] <= rows
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
-            out[s.q_start:s.q_end] = o[0].transpose(0, 1)
+            out[s.q_start : s.q_end] = o[0].transpose(0, 1)
         return out
 
     def decode(self, q: Tensor, flat_k: Tensor, flat_v: Tensor, buf: DecodeBuffers) -> Tensor:
@@ -145,8 +151,19 @@ class VarlenBackend(SdpaBackend):
         if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
             return super().packed(q, k_pool, v_pool, meta)
         cu_q, table, used, max_q, max_k = meta.varlen_inputs(q.device)
-        return self._varlen(q.contiguous(), k_pool, v_pool, cu_q, None, max_q, max_k, enable_gqa=True,
-                            seqused_k=used, block_table=table, window_size=(-1, 0) if meta.causal else (-1, -1))
+        return self._varlen(
+            q.contiguous(),
+            k_pool,
+            v_pool,
+            cu_q,
+            None,
+            max_q,
+            max_k,
+            enable_gqa=True,
+            seqused_k=used,
+            block_table=table,
+            window_size=(-1, 0) if meta.causal else (-1, -1),
+        )
 
 
 BACKENDS = ("sdpa", "varlen", "flash", "xformers")
@@ -172,7 +189,10 @@ def make_backend(name: str) -> SdpaBackend:
     try:
         __import__(module)
     except Exception as e:  # missing, or built for another torch (an ImportError or an OSError from its .so)
-        raise BackendUnavailable(f"attention backend {name!r} needs {what}: pip install {extra} "
-                                 f"(import {module} failed: {e})") from e
-    raise BackendUnavailable(f"attention backend {name!r}: {what} is installed, but this build has no tested "
-                             f"kernel path for it yet (see docs/engine.md); use --attention sdpa or varlen")
+        raise BackendUnavailable(
+            f"attention backend {name!r} needs {what}: pip install {extra} (import {module} failed: {e})"
+        ) from e
+    raise BackendUnavailable(
+        f"attention backend {name!r}: {what} is installed, but this build has no tested "
+        f"kernel path for it yet (see docs/engine.md); use --attention sdpa or varlen"
+    )

@@ -17,8 +17,23 @@ from irg_core.config import BagelConfig, VAEConfig
 from irg_core.errors import CheckpointError
 
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+ITEM_SIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 EMA_NAMES = ("ema.safetensors", "ema_bf16.safetensors")  # BAGEL's app / IRG's script
 AE_NAME = "ae.safetensors"
 MAX_HEADER = 100 * 1024 * 1024
@@ -45,8 +60,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise CheckpointError(f"{name}: truncated ({size} bytes, no safetensors header)")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{name}: truncated or not a safetensors file (header of {n} bytes, "
-                                      f"file of {size})")
+                raise CheckpointError(
+                    f"{name}: truncated or not a safetensors file (header of {n} bytes, file of {size})"
+                )
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{name}: unreadable safetensors header ({e})") from e
@@ -56,16 +72,21 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     out, end = {}, 0
     for key, meta in header.items():
         try:
-            info = TensorInfo(str(meta["dtype"]), tuple(int(d) for d in meta["shape"]),
-                              int(meta["data_offsets"][0]), int(meta["data_offsets"][1]))
+            info = TensorInfo(
+                str(meta["dtype"]),
+                tuple(int(d) for d in meta["shape"]),
+                int(meta["data_offsets"][0]),
+                int(meta["data_offsets"][1]),
+            )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"{name}: malformed header entry for tensor {key}") from e
         numel = 1
         for d in info.shape:
             numel *= d
         if info.dtype in ITEM_SIZE and info.end - info.start != numel * ITEM_SIZE[info.dtype]:
-            raise CheckpointError(f"{name}: tensor {key} has {info.end - info.start} bytes for shape "
-                                  f"{list(info.shape)} {info.dtype}")
+            raise CheckpointError(
+                f"{name}: tensor {key} has {info.end - info.start} bytes for shape {list(info.shape)} {info.dtype}"
+            )
         out[key] = info
         end = max(end, info.end)
     if 8 + n + end > size:
@@ -99,8 +120,7 @@ def expected_ae(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
         return _meta_shapes(AutoEncoder(cfg))
 
 
-def tensor_problems(file_name: str, found: dict[str, TensorInfo],
-                    expected: dict[str, tuple[int, ...]]) -> list[str]:
+def tensor_problems(file_name: str, found: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]]) -> list[str]:
     """Every missing, unexpected, mis-shaped or non-float tensor, one message each."""
     problems = []
     for key in expected:
@@ -110,11 +130,11 @@ def tensor_problems(file_name: str, found: dict[str, TensorInfo],
         if key not in expected:
             problems.append(f"{file_name}: unexpected tensor {key} (shape {list(info.shape)})")
         elif info.shape != expected[key]:
-            problems.append(f"{file_name}: tensor {key} has shape {list(info.shape)}, "
-                            f"expected {list(expected[key])}")
+            problems.append(f"{file_name}: tensor {key} has shape {list(info.shape)}, expected {list(expected[key])}")
         elif info.dtype not in FLOAT_DTYPES:
-            problems.append(f"{file_name}: tensor {key} has dtype {info.dtype}, expected a float type "
-                            f"({'/'.join(FLOAT_DTYPES)})")
+            problems.append(
+                f"{file_name}: tensor {key} has dtype {info.dtype}, expected a float type ({'/'.join(FLOAT_DTYPES)})"
+            )
     return problems
 
 
@@ -125,8 +145,11 @@ def dtype_problems(file_name: str, found: dict[str, TensorInfo]) -> list[str]:
     if len(counts) < 2:
         return []
     main, n = counts.most_common(1)[0]
-    return [f"{file_name}: tensor {key} is {info.dtype} while {n} other tensors of the file are {main}"
-            for key, info in found.items() if info.dtype in FLOAT_DTYPES and info.dtype != main]
+    return [
+        f"{file_name}: tensor {key} is {info.dtype} while {n} other tensors of the file are {main}"
+        for key, info in found.items()
+        if info.dtype in FLOAT_DTYPES and info.dtype != main
+    ]
 
 
 def check_model_files(model_dir: Path, cfg: BagelConfig) -> tuple[Path, dict[str, TensorInfo], dict[str, TensorInfo]]:

@@ -128,16 +128,24 @@ class BagelConfig:
         self.vae.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"llm": asdict(self.llm), "vit": asdict(self.vit), "vae": asdict(self.vae),
-                "latent_patch_size": self.latent_patch_size, "max_latent_size": self.max_latent_size,
-                "vit_max_num_patch_per_side": self.vit_max_num_patch_per_side}
+        return {
+            "llm": asdict(self.llm),
+            "vit": asdict(self.vit),
+            "vae": asdict(self.vae),
+            "latent_patch_size": self.latent_patch_size,
+            "max_latent_size": self.max_latent_size,
+            "vit_max_num_patch_per_side": self.vit_max_num_patch_per_side,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> BagelConfig:
         extra = {k: d[k] for k in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side") if k in d}
-        cfg = cls(llm=_pick(LLMConfig, d.get("llm", {}), f"{where}: llm"),
-                  vit=_pick(ViTConfig, d.get("vit", {}), f"{where}: vit"),
-                  vae=_pick(VAEConfig, d.get("vae", d.get("ae", {})), f"{where}: vae"), **extra)
+        cfg = cls(
+            llm=_pick(LLMConfig, d.get("llm", {}), f"{where}: llm"),
+            vit=_pick(ViTConfig, d.get("vit", {}), f"{where}: vit"),
+            vae=_pick(VAEConfig, d.get("vae", d.get("ae", {})), f"{where}: vae"),
+            **extra,
+        )
         cfg.validate()
         return cfg
 

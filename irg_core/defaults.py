@@ -49,8 +49,12 @@ KEYS: tuple[str, ...] = tuple(f.name for f in fields(ModeDefaults))
 
 def _check(name: str, value: Any, where: str) -> int | float:
     if name == "temperature":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not 0.0 <= value <= 10.0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not 0.0 <= value <= 10.0
+        ):
             raise DefaultsError(f"{where}.temperature: must be a number within [0, 10], got {value!r}")
         return float(value)
     lo, hi = _LIMITS[name]

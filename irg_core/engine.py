@@ -84,8 +84,14 @@ def default_kv_cache_bytes(device: torch.device) -> int:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, page_size: int = DEFAULT_PAGE_SIZE, kv_cache_bytes: int | None = None,
-                 attention: str = "sdpa", cuda_graphs: bool = True):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        kv_cache_bytes: int | None = None,
+        attention: str = "sdpa",
+        cuda_graphs: bool = True,
+    ):
         self.model, self.vae, self.tok = loaded.model, loaded.vae, loaded.tokenizer
         self.cfg = loaded.cfg
         self.device, self.dtype = loaded.device, loaded.dtype
@@ -100,8 +106,11 @@ class Engine:
         self.scratch_slot = self.pool.reserve_scratch() * page_size  # where padded decode rows write
         self._flat_kv = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in self.pool.layers]
         self.rope = RopeTable(self.cfg.llm, self.device, self.dtype)
-        self._markers_ids = torch.tensor([self.tok.special.start_of_image, self.tok.special.end_of_image],
-                                         device=self.device) if self.tok is not None else None
+        self._markers_ids = (
+            torch.tensor([self.tok.special.start_of_image, self.tok.special.end_of_image], device=self.device)
+            if self.tok is not None
+            else None
+        )
         self.decoder = DecodeRunner(self, cuda_graphs=cuda_graphs and self.device.type == "cuda")
         self._denoise_cache: tuple[tuple, _Packed] | None = None
         self._latent_rgb: LatentRGB | None = None  # the fast preview map, fitted on first use
@@ -139,10 +148,19 @@ class Engine:
             self._denoise_cache = None
 
     # -- forward plumbing ---------------------------------------------------------------------------
-    def _forward(self, x: Tensor, positions: Tensor, rows: RowGroups, gen_mode: bool, slots: Tensor,
-                 meta: AttnMeta, final_norm: bool = True) -> Tensor:
-        return self.model.language_model(x, self.rope(positions), rows, gen_mode, self.pool.layers, slots, meta,
-                                         self.backend, final_norm)
+    def _forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        rows: RowGroups,
+        gen_mode: bool,
+        slots: Tensor,
+        meta: AttnMeta,
+        final_norm: bool = True,
+    ) -> Tensor:
+        return self.model.language_model(
+            x, self.rope(positions), rows, gen_mode, self.pool.layers, slots, meta, self.backend, final_norm
+        )
 
     def _markers(self) -> Tensor:
         assert self._markers_ids is not None
@@ -156,8 +174,9 @@ class Engine:
         new, slots = self.pool.extend(ctx, n)
         x = self.model.embed_tokens(torch.tensor(list(ids), device=self.device))
         positions = torch.arange(ctx.rope, ctx.rope + n, device=self.device)
-        self._forward(x, positions, RowGroups.split(n, 0), False, slots,
-                      AttnMeta([Seq(0, n, new.pages, new.length)], True))
+        self._forward(
+            x, positions, RowGroups.split(n, 0), False, slots, AttnMeta([Seq(0, n, new.pages, new.length)], True)
+        )
         return new.advanced(n)
 
     @torch.inference_mode()
@@ -168,13 +187,19 @@ class Engine:
         markers = self._markers()
         if gen:  # latent rows first (generation expert), then the two markers; cache order stays official
             x = torch.cat([rows.to(markers.dtype), markers])
-            order = torch.cat([slots[1:n + 1], slots[[0, n + 1]]])
+            order = torch.cat([slots[1 : n + 1], slots[[0, n + 1]]])
         else:
             x = torch.cat([markers[:1], rows.to(markers.dtype), markers[1:]])
             order = slots
         positions = torch.full((n + 2,), ctx.rope, device=self.device)
-        self._forward(x, positions, RowGroups.split(n + 2, n if gen else 0), gen, order,
-                      AttnMeta([Seq(0, n + 2, new.pages, new.length)], False))
+        self._forward(
+            x,
+            positions,
+            RowGroups.split(n + 2, n if gen else 0),
+            gen,
+            order,
+            AttnMeta([Seq(0, n + 2, new.pages, new.length)], False),
+        )
         return new.advanced(1)
 
     def vae_rows(self, image: Image.Image, eps_seed: int) -> tuple[Tensor, Tensor]:
@@ -197,7 +222,7 @@ class Engine:
             latent = self.vae.sample(x, eps.to(self.device), mixed)
             p, d = self.cfg.latent_patch_size, self.cfg.latent_downsample
             h, w = hh // d, ww // d
-            tokens = patchify(latent[0, :, :h * p, :w * p], p)  # [h*w, 64]
+            tokens = patchify(latent[0, :, : h * p, : w * p], p)  # [h*w, 64]
             pos = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.device)
             t0 = torch.zeros((), device=self.device)
             return self.model.latent_rows(tokens, t0, pos), latent
@@ -244,7 +269,7 @@ class Engine:
         for s in steps:
             b = len(s.evaluated)
             n = b * s.loop.tokens
-            h = hidden[start:start + n]
+            h = hidden[start : start + n]
             v = self.model.velocity(lm.model.norm_moe_gen(h)).view(b, s.loop.tokens, -1)
             out.append((v, h.view(b, s.loop.tokens, -1) if s.hidden else None))
             start += n
@@ -276,7 +301,7 @@ class Engine:
             groups.append((row, row + len(s.evaluated) * n, True))
             for b in s.evaluated:
                 room, ctx = st.rooms[b], s.loop.contexts[b]
-                lat_slots.append(st.slots[b][1:n + 1])
+                lat_slots.append(st.slots[b][1 : n + 1])
                 lat_pos.append(torch.full((n,), ctx.rope))
                 lat_seqs.append(Seq(row, row + n, room.pages, room.length))
                 row += n
@@ -290,15 +315,20 @@ class Engine:
                 mark_seqs.append(Seq(row, row + 2, room.pages, room.length))
                 row += 2
         positions = torch.cat(lat_pos + mark_pos).to(self.device)
-        return _Packed(positions, torch.cat(lat_slots + mark_slots), RowGroups(tuple(groups)),
-                       AttnMeta(lat_seqs + mark_seqs, False))
+        return _Packed(
+            positions,
+            torch.cat(lat_slots + mark_slots),
+            RowGroups(tuple(groups)),
+            AttnMeta(lat_seqs + mark_seqs, False),
+        )
 
     def decode_latent(self, latent: Tensor, width: int, height: int, mode: str = "irg") -> tuple[Tensor, np.ndarray]:
         """Packed latent [N, 64] -> (decoder output [1, 3, H, W], HWC uint8 image); `mode`: irg_core.numerics."""
         return exhaust(self.decode_latent_stages(latent, width, height, mode))
 
-    def decode_latent_stages(self, latent: Tensor, width: int, height: int,
-                             mode: str = "irg") -> Generator[None, None, tuple[Tensor, np.ndarray]]:
+    def decode_latent_stages(
+        self, latent: Tensor, width: int, height: int, mode: str = "irg"
+    ) -> Generator[None, None, tuple[Tensor, np.ndarray]]:
         """`decode_latent` one decoder stage per `next()`."""
         d, p = self.cfg.latent_downsample, self.cfg.latent_patch_size
         mixed = precision(mode, self.vae.dtype).decode_mixed
@@ -332,8 +362,15 @@ class Engine:
         """A small HWC uint8 picture of a packed latent estimate [N, 64] (`fast` linear map or full `vae`)."""
         if decoder == "vae":
             return downscale(self.decode_latent(x0, width, height)[0], width, height)
-        return fast_preview(x0, width, height, self.latent_rgb(), self.cfg.latent_downsample,
-                            self.cfg.latent_patch_size, self.cfg.vae.z_channels)
+        return fast_preview(
+            x0,
+            width,
+            height,
+            self.latent_rgb(),
+            self.cfg.latent_downsample,
+            self.cfg.latent_patch_size,
+            self.cfg.vae.z_channels,
+        )
 
     # -- synchronous helpers (one unit or loop at a time, outside a scheduler) --------------------------
     def prefill_text(self, ctx: Context, ids: list[int]) -> Context:
@@ -345,9 +382,17 @@ class Engine:
     def prefill_vit_image(self, ctx: Context, image: Image.Image) -> Context:
         return self.run_prefill_image(ctx, self.vit_rows(image), gen=False)
 
-    def decode(self, ctx: Context, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-               on_token: Callable[[int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-               on_logits: Callable[[Tensor], None] | None = None, ignore_eos: bool = False) -> list[int]:
+    def decode(
+        self,
+        ctx: Context,
+        max_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        on_token: Callable[[int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        on_logits: Callable[[Tensor], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> list[int]:
         """Generate up to `max_tokens` after `<|im_start|>`, stopping before `<|im_end|>` (unless `ignore_eos`).
         The decode rows live in the pool only during the call."""
         from irg_core.errors import Cancelled
@@ -370,18 +415,28 @@ class Engine:
         finally:
             self.free_decoding(seq)
 
-    def generate_image(self, branches: Branches, width: int, height: int, steps: int, guidance: RoundGuidance,
-                       noise: Tensor, on_step: Callable[[int, int], None] | None = None,
-                       should_cancel: Callable[[], bool] | None = None,
-                       observe: Callable[[str, int, Tensor], None] | None = None, mode: str = "irg",
-                       cache: Any = None) -> Tensor:
+    def generate_image(
+        self,
+        branches: Branches,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: RoundGuidance,
+        noise: Tensor,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        observe: Callable[[str, int, Tensor], None] | None = None,
+        mode: str = "irg",
+        cache: Any = None,
+    ) -> Tensor:
         """Denoise `noise` [N, 64] into a packed latent [N, 64] (the image program, run alone); `mode` picks
         the state's dtype (irg_core.numerics); `cache`: an irg_core.step_cache counter or TaylorSeer."""
         from irg_core.errors import Cancelled
         from irg_core.programs import denoise_program
 
-        program = denoise_program(self, branches, width, height, steps, guidance, noise, probes=observe is not None,
-                                  mode=mode, cache=cache)
+        program = denoise_program(
+            self, branches, width, height, steps, guidance, noise, probes=observe is not None, mode=mode, cache=cache
+        )
         result = None
         try:
             while True:
@@ -480,8 +535,9 @@ class DecodeRunner:
         buf.slots.copy_(host[2])
         torch.lt(torch.arange(buf.capacity, device=e.device)[None, :], host[3][:, None], out=buf.mask.view(batch, -1))
         logits = self._logits(key, buf)[:n]
-        sampled = sample_tokens(logits, [s.seq.temperature for s in steps], [s.seq.seed for s in steps],
-                                [s.seq.step for s in steps]).tolist()
+        sampled = sample_tokens(
+            logits, [s.seq.temperature for s in steps], [s.seq.seed for s in steps], [s.seq.step for s in steps]
+        ).tolist()
         out = []
         for i, (s, token) in enumerate(zip(steps, sampled)):
             s.seq.last, s.seq.step = token, s.seq.step + 1
@@ -494,8 +550,8 @@ class DecodeRunner:
         offsets = torch.arange(ps)
         for i, s in enumerate(steps):
             pages = torch.tensor(s.seq.room.pages, dtype=torch.long)
-            flat = (pages[:, None] * ps + offsets[None, :]).flatten()[:buf.capacity]
-            table[i, :flat.shape[0]] = flat
+            flat = (pages[:, None] * ps + offsets[None, :]).flatten()[: buf.capacity]
+            table[i, : flat.shape[0]] = flat
         buf.key_slots.copy_(table.to(self.e.device))
 
     def _logits(self, key: tuple[int, int], buf: DecodeBuffers) -> Tensor:

@@ -41,8 +41,7 @@ class PoolFull(RuntimeError):
 
 
 class KVPool:
-    def __init__(self, cfg: LLMConfig, num_pages: int, page_size: int, device: torch.device | str,
-                 dtype: torch.dtype):
+    def __init__(self, cfg: LLMConfig, num_pages: int, page_size: int, device: torch.device | str, dtype: torch.dtype):
         if num_pages < 1:
             raise ValueError("a KV pool needs at least one page")
         shape = (cfg.num_hidden_layers, 2, num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim)

@@ -44,8 +44,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def _read_into(module: nn.Module, path: Path, header: dict[str, TensorInfo], device: torch.device,
-               dtype: torch.dtype) -> None:
+def _read_into(
+    module: nn.Module, path: Path, header: dict[str, TensorInfo], device: torch.device, dtype: torch.dtype
+) -> None:
     state = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -69,9 +70,10 @@ def grids_from_checkpoint(cfg: BagelConfig, model_dir: Path) -> BagelConfig:
     except CheckpointError:
         return cfg
     grids = {}
-    for key, field, default in (("latent_pos_embed.pos_embed", "max_latent_size", cfg.max_latent_size),
-                                ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side",
-                                 cfg.vit_max_num_patch_per_side)):
+    for key, field, default in (
+        ("latent_pos_embed.pos_embed", "max_latent_size", cfg.max_latent_size),
+        ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side", cfg.vit_max_num_patch_per_side),
+    ):
         info = header.get(key)
         if info is None or len(info.shape) != 2 or info.shape[1] != cfg.llm.hidden_size:
             continue
@@ -85,8 +87,9 @@ def grids_from_checkpoint(cfg: BagelConfig, model_dir: Path) -> BagelConfig:
     return replace(cfg, **grids)
 
 
-def load_model(model_dir: str | Path, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    model_dir: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> LoadedModel:
     """Load `llm_config.json`, `vit_config.json`, [`ae_config.json`], the tokenizer and both weight files."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -100,8 +103,9 @@ def load_model(model_dir: str | Path, device: torch.device | str | None = None,
         model, vae = Bagel(cfg), AutoEncoder(cfg.vae)
     _read_into(model, ema, ema_header, device, dtype)
     _read_into(vae, model_dir / AE_NAME, ae_header, device, dtype)
-    return LoadedModel(cfg, model.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer,
-                       device, dtype)
+    return LoadedModel(
+        cfg, model.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, device, dtype
+    )
 
 
 @torch.no_grad()
@@ -128,8 +132,13 @@ def init_weights(module: nn.Module, seed: int) -> None:
                 p.fill_(1.0)
 
 
-def build_dummy(cfg: BagelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                seed: int = 0, tokenizer: Tokenizer | None = None) -> LoadedModel:
+def build_dummy(
+    cfg: BagelConfig,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+) -> LoadedModel:
     """The architecture of `cfg` with random weights, allocated directly on `device` (never on the CPU first)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -139,5 +148,6 @@ def build_dummy(cfg: BagelConfig, device: torch.device | str | None = None, dtyp
     vae = vae.to(dtype).to_empty(device=device)
     init_weights(model, seed)
     init_weights(vae, seed + 1)
-    return LoadedModel(cfg, model.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer,
-                       device, dtype)
+    return LoadedModel(
+        cfg, model.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, device, dtype
+    )

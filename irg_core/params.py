@@ -114,8 +114,10 @@ class StepCacheParams:
             raise ParamError("cache", 'must be an object like {"method": "taylorseer"}')
         unknown = sorted(set(d) - {"method", "fresh_threshold", "first_enhance", "max_order"})
         if unknown:
-            raise ParamError(f"cache.{unknown[0]}", "unknown cache parameter (known: method, fresh_threshold, "
-                                                    "first_enhance, max_order)")
+            raise ParamError(
+                f"cache.{unknown[0]}",
+                "unknown cache parameter (known: method, fresh_threshold, first_enhance, max_order)",
+            )
         out = cls(**d)
         out.validate()
         return out
@@ -123,8 +125,11 @@ class StepCacheParams:
     def validate(self) -> None:
         if self.method not in CACHE_METHODS:
             raise ParamError("cache.method", f"must be one of {', '.join(CACHE_METHODS)}")
-        for name, lo, hi in (("fresh_threshold", 1, MAX_STEPS), ("first_enhance", 1, MAX_STEPS),
-                             ("max_order", 0, MAX_CACHE_ORDER)):
+        for name, lo, hi in (
+            ("fresh_threshold", 1, MAX_STEPS),
+            ("first_enhance", 1, MAX_STEPS),
+            ("max_order", 0, MAX_CACHE_ORDER),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise ParamError(f"cache.{name}", f"must be an integer within [{lo}, {hi}]")
@@ -174,9 +179,11 @@ class GenerationParams:
         out = replace(self, guidance=full)
         if self.mode in MODES and (self.max_think_tokens is None or self.temperature is None):
             recipe = recipe_defaults(self.mode)
-            out = replace(out, max_think_tokens=recipe.max_think_tokens if self.max_think_tokens is None
-                          else self.max_think_tokens,
-                          temperature=recipe.temperature if self.temperature is None else self.temperature)
+            out = replace(
+                out,
+                max_think_tokens=recipe.max_think_tokens if self.max_think_tokens is None else self.max_think_tokens,
+                temperature=recipe.temperature if self.temperature is None else self.temperature,
+            )
         out.validate()
         return out
 
@@ -211,8 +218,11 @@ class GenerationParams:
             if not isinstance(self.cache, StepCacheParams):
                 raise ParamError("cache", "must be StepCacheParams")
             self.cache.validate()
-        if isinstance(self.previews, bool) or not isinstance(self.previews, int) or \
-                not 0 <= self.previews <= MAX_PREVIEWS:
+        if (
+            isinstance(self.previews, bool)
+            or not isinstance(self.previews, int)
+            or not 0 <= self.previews <= MAX_PREVIEWS
+        ):
             raise ParamError("previews", f"must be an integer within [0, {MAX_PREVIEWS}]")
         if self.preview_decoder not in PREVIEW_DECODERS:
             raise ParamError("preview_decoder", f"must be one of {', '.join(PREVIEW_DECODERS)}")

@@ -91,8 +91,16 @@ def _to_uint8(rgb: Tensor) -> np.ndarray:
     return ((rgb.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def fast_preview(x0: Tensor, width: int, height: int, rgb_map: LatentRGB, downsample: int, patch: int,
-                 z_channels: int, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
+def fast_preview(
+    x0: Tensor,
+    width: int,
+    height: int,
+    rgb_map: LatentRGB,
+    downsample: int,
+    patch: int,
+    z_channels: int,
+    max_side: int = PREVIEW_MAX_SIDE,
+) -> np.ndarray:
     """A packed latent [N, p*p*z] (`downsample` image pixels per token side) through the linear map, upscaled
     to `preview_size`: HWC uint8."""
     z = unpatchify(x0.float(), height // downsample, width // downsample, patch, z_channels)  # [1, z, h, w]

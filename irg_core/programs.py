@@ -80,8 +80,9 @@ def initial_noise(seed: int, tokens: int, dim: int) -> Tensor:
 
 
 # -- building blocks -------------------------------------------------------------------------------------------
-def decode_text(e: Engine, ctx: Context, max_tokens: int, temperature: float, seed: int, kind: str, k: int,
-                fixed: bool = False) -> Gen:
+def decode_text(
+    e: Engine, ctx: Context, max_tokens: int, temperature: float, seed: int, kind: str, k: int, fixed: bool = False
+) -> Gen:
     """Decode a text after `<|im_start|>` from `ctx`, streaming `{kind}.delta` events; returns (ids, text)."""
     stream = StreamDecoder(e.tok)
     seq = Decoding(ctx, max_tokens, temperature, seed)
@@ -101,9 +102,21 @@ def decode_text(e: Engine, ctx: Context, max_tokens: int, temperature: float, se
     return ids, e.tok.thought(ids)
 
 
-def denoise_program(e: Engine, branches: Branches, width: int, height: int, steps: int, g: RoundGuidance,
-                    noise: Tensor, probes: bool = False, round_index: int = 1, mode: str = "irg",
-                    cache: StepCounter | None = None, previews: int = 0, preview_decoder: str = "fast") -> Gen:
+def denoise_program(
+    e: Engine,
+    branches: Branches,
+    width: int,
+    height: int,
+    steps: int,
+    g: RoundGuidance,
+    noise: Tensor,
+    probes: bool = False,
+    round_index: int = 1,
+    mode: str = "irg",
+    cache: StepCounter | None = None,
+    previews: int = 0,
+    preview_decoder: str = "fast",
+) -> Gen:
     """Denoise `noise` [N, 64] into a packed latent [N, 64]: one `DenoiseStep` per evaluated timestep, all
     guidance branches of a step in it; CFG and the Euler update here (BAGEL `generate_image`). `mode` picks
     the state's dtype, as each official script keeps it (irg_core.numerics).
@@ -123,8 +136,15 @@ def denoise_program(e: Engine, branches: Branches, width: int, height: int, step
     for i in range(steps - 1):
         k = len(loop.contexts) if on[i] else 1
         vs = yield from _velocities(e, loop, x, ts[i], k, cache)
-        v = cfg_combine(vs[0], vs[1] if k > 1 else None, vs[2] if k > 2 else None, g.text_scale if on[i] else 1.0,
-                        g.image_scale if on[i] else 1.0, g.renorm, g.renorm_min)
+        v = cfg_combine(
+            vs[0],
+            vs[1] if k > 1 else None,
+            vs[2] if k > 2 else None,
+            g.text_scale if on[i] else 1.0,
+            g.image_scale if on[i] else 1.0,
+            g.renorm,
+            g.renorm_min,
+        )
         if probes:
             for name, vb in zip(BRANCH_NAMES, vs):
                 yield Emit(EngineEvent("probe", {"name": name, "step": i, "value": vb}))
@@ -133,9 +153,20 @@ def denoise_program(e: Engine, branches: Branches, width: int, height: int, step
         yield Emit(EngineEvent("image.progress", {"round": round_index, "step": i + 1, "steps": steps - 1}))
         if i in wanted:
             pixels = yield from _preview(e, x0_estimate(x, v, ts[i]), width, height, preview_decoder, mode)
-            yield Emit(EngineEvent("image.preview", {"round": round_index, "step": i + 1, "steps": steps - 1,
-                                                     "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
-                                                     "decoder": preview_decoder}, image=pixels))
+            yield Emit(
+                EngineEvent(
+                    "image.preview",
+                    {
+                        "round": round_index,
+                        "step": i + 1,
+                        "steps": steps - 1,
+                        "width": int(pixels.shape[1]),
+                        "height": int(pixels.shape[0]),
+                        "decoder": preview_decoder,
+                    },
+                    image=pixels,
+                )
+            )
         x = x - v * dts[i]
     yield Free(loop)
     return x
@@ -212,8 +243,9 @@ class _Run:
         kind = "thinking" if k == 1 else "reflection"
         seed = self.p.seed + 2 * self.n_images + k - 1
         start = yield Stamp()
-        ids, text = yield from decode_text(self.e, ctx, self.p.max_think_tokens, self.p.temperature, seed, kind, k,
-                                           self.fixed)
+        ids, text = yield from decode_text(
+            self.e, ctx, self.p.max_think_tokens, self.p.temperature, seed, kind, k, self.fixed
+        )
         end = yield Stamp()
         self.marks.append((kind, k, start, end, {"tokens": len(ids)}))
         # decoding stops before <|im_end|>: a thought as long as the limit never ended (cut, then fed back as is)
@@ -226,16 +258,31 @@ class _Run:
         n = (p.width // e.cfg.latent_downsample) * (p.height // e.cfg.latent_downsample)
         noise = initial_noise(p.seed + k - 1, n, e.cfg.patch_latent_dim)
         cache = new_step_cache(p.cache)  # per round, never shared (the official state leaks across calls)
-        draw = denoise_program(e, branches, p.width, p.height, p.steps, p.guidance[k - 1], noise, round_index=k,
-                               mode=p.mode, cache=cache, previews=p.previews, preview_decoder=p.preview_decoder)
+        draw = denoise_program(
+            e,
+            branches,
+            p.width,
+            p.height,
+            p.steps,
+            p.guidance[k - 1],
+            noise,
+            round_index=k,
+            mode=p.mode,
+            cache=cache,
+            previews=p.previews,
+            preview_decoder=p.preview_decoder,
+        )
         latent = yield from self.timed("image", k, draw, steps=p.steps - 1)
         self.marks[-1][4].update(cache.counts())  # model evaluations and forecasts of this round
         _, pixels = yield from self.timed("decode", k, _unit(DecodeLatent(latent, p.width, p.height, p.mode)))
         if self.keep_tensors:
             self.result.tensors[f"round{k}.init_noise"] = noise
             self.result.tensors[f"round{k}.final_latent"] = latent.float().cpu()
-        yield Emit(EngineEvent("image.done", {"round": k, "kind": self.kind(k), "width": p.width, "height": p.height},
-                               image=pixels))
+        yield Emit(
+            EngineEvent(
+                "image.done", {"round": k, "kind": self.kind(k), "width": p.width, "height": p.height}, image=pixels
+            )
+        )
         return Image.fromarray(pixels)
 
     def reencode(self, k: int, ctx: Context, image: Image.Image) -> Gen:
@@ -243,8 +290,9 @@ class _Run:
         return (yield from self.timed("reencode", k, prefill_image(ctx, image, self.p.seed + self.n_images + k - 1)))
 
     def record(self, k: int, text: str | None, ids: list[int], image: Image.Image, truncated: bool = False) -> None:
-        self.result.rounds.append(RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image),
-                                              truncated))
+        self.result.rounds.append(
+            RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image), truncated)
+        )
 
     def finish(self) -> TrajectoryResult:
         self.result.stages = [StageTiming(stage, k, elapsed(a, b), **counts) for stage, k, a, b, counts in self.marks]
@@ -255,8 +303,9 @@ def _unit(unit: Any) -> Gen:
     return (yield unit)
 
 
-def trajectory_program(e: Engine, params: GenerationParams, keep_tensors: bool = False,
-                       fixed_thoughts: bool = False) -> Gen:
+def trajectory_program(
+    e: Engine, params: GenerationParams, keep_tensors: bool = False, fixed_thoughts: bool = False
+) -> Gen:
     """The whole trajectory of `params` (already resolved and validated) as one step program."""
     run = _Run(e, params, keep_tensors, fixed_thoughts)
     start = yield Stamp()
@@ -322,12 +371,16 @@ def check_reencode_fits(engine: Engine, params: GenerationParams) -> None:
     d, grid = engine.cfg.latent_downsample, engine.cfg.max_latent_size
     if max(w, h) // d > grid:
         side = "width" if w >= h else "height"
-        raise ParamError(side, f"a {params.width}x{params.height} draft is re-encoded at {w}x{h}, more than this "
-                               f"model's {grid}x{grid} latent grid; use a less elongated size")
+        raise ParamError(
+            side,
+            f"a {params.width}x{params.height} draft is re-encoded at {w}x{h}, more than this "
+            f"model's {grid}x{grid} latent grid; use a less elongated size",
+        )
 
 
-def prepare(engine: Engine, params: GenerationParams, keep_tensors: bool = False,
-            fixed_thoughts: bool = False) -> tuple[Gen, int]:
+def prepare(
+    engine: Engine, params: GenerationParams, keep_tensors: bool = False, fixed_thoughts: bool = False
+) -> tuple[Gen, int]:
     """Resolve and validate `params`; the trajectory's program and the KV pages it needs at worst."""
     params = params.resolved()
     params.validate(max_side=engine.cfg.max_image_side)

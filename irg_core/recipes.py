@@ -92,13 +92,19 @@ def image_block_tokens(engine: Engine, width: int, height: int, vae: bool = True
 def _check_image_fits(engine: Engine, width: int, height: int) -> None:
     grid, d = engine.cfg.max_latent_size, engine.cfg.latent_downsample
     if max(width, height) // d > grid:
-        raise ParamError("image", f"the input is resized to {width}x{height}, more than this model's "
-                                  f"{grid * d}x{grid * d} latent grid; use a less elongated image")
+        raise ParamError(
+            "image",
+            f"the input is resized to {width}x{height}, more than this model's "
+            f"{grid * d}x{grid * d} latent grid; use a less elongated image",
+        )
     vit_side = engine.cfg.vit_max_num_patch_per_side
     tw, th = VIT_TRANSFORM.target_size(width, height)
     if max(tw, th) // engine.cfg.vit.patch_size > vit_side:
-        raise ParamError("image", f"the input is seen by the ViT at {tw}x{th}, more than its {vit_side} patches "
-                                  f"per side; use a less elongated image")
+        raise ParamError(
+            "image",
+            f"the input is seen by the ViT at {tw}x{th}, more than its {vit_side} patches "
+            f"per side; use a less elongated image",
+        )
 
 
 # -- editing ------------------------------------------------------------------------------------------
@@ -113,8 +119,9 @@ def edit_pool_budget(engine: Engine, params: GenerationParams, text_tokens: int)
     return tokens, 6 * rounds + 10
 
 
-def edit_contexts_program(system_ids: list[int], instruction_ids: list[int], resized: Image.Image,
-                          eps_seed: int) -> Gen:
+def edit_contexts_program(
+    system_ids: list[int], instruction_ids: list[int], resized: Image.Image, eps_seed: int
+) -> Gen:
     """An edit's three starting contexts: ([S?, X], [S?, X, I], [S?, I]); X = VAE block then ViT block of the
     VAE-resized input (posterior noise from `eps_seed`)."""
     s = (yield PrefillText(EMPTY, system_ids)) if system_ids else EMPTY
@@ -122,8 +129,9 @@ def edit_contexts_program(system_ids: list[int], instruction_ids: list[int], res
     return x, (yield PrefillText(x, instruction_ids)), (yield PrefillText(s, instruction_ids))
 
 
-def edit_contexts(engine: Engine, system_ids: list[int], instruction_ids: list[int], resized: Image.Image,
-                  eps_seed: int) -> tuple[Context, Context, Context]:
+def edit_contexts(
+    engine: Engine, system_ids: list[int], instruction_ids: list[int], resized: Image.Image, eps_seed: int
+) -> tuple[Context, Context, Context]:
     """`edit_contexts_program` run alone (the pool must have room; tests look at one stage at a time)."""
     return drive(engine, edit_contexts_program(system_ids, instruction_ids, resized, eps_seed))
 
@@ -140,8 +148,13 @@ def resolve_edit(engine: Engine, params: GenerationParams, image: Image.Image) -
     return params, resized
 
 
-def edit_program(engine: Engine, params: GenerationParams, resized: Image.Image, keep_tensors: bool = False,
-                 fixed_thoughts: bool = False) -> Gen:
+def edit_program(
+    engine: Engine,
+    params: GenerationParams,
+    resized: Image.Image,
+    keep_tensors: bool = False,
+    fixed_thoughts: bool = False,
+) -> Gen:
     """Edit the VAE-resized input following `params.prompt` (params from `resolve_edit`), as a step program."""
     run = _Run(engine, params, keep_tensors, fixed_thoughts)
     start = yield Stamp()
@@ -166,8 +179,13 @@ def edit_program(engine: Engine, params: GenerationParams, resized: Image.Image,
     return result
 
 
-def prepare_edit(engine: Engine, params: GenerationParams, image: Image.Image, keep_tensors: bool = False,
-                 fixed_thoughts: bool = False) -> tuple[Gen, int]:
+def prepare_edit(
+    engine: Engine,
+    params: GenerationParams,
+    image: Image.Image,
+    keep_tensors: bool = False,
+    fixed_thoughts: bool = False,
+) -> tuple[Gen, int]:
     """An edit's program and the KV pages it needs at worst."""
     params, resized = resolve_edit(engine, params, image)
     system = params.system_prompt if params.system_prompt is not None else default_system_prompt(params.mode)
@@ -176,12 +194,19 @@ def prepare_edit(engine: Engine, params: GenerationParams, image: Image.Image, k
     return edit_program(engine, params, resized, keep_tensors, fixed_thoughts), pages
 
 
-def run_edit(engine: Engine, params: GenerationParams, image: Image.Image, on_event: EventSink | None = None,
-             should_cancel: Callable[[], bool] | None = None, keep_tensors: bool = False,
-             fixed_thoughts: bool = False) -> TrajectoryResult:
+def run_edit(
+    engine: Engine,
+    params: GenerationParams,
+    image: Image.Image,
+    on_event: EventSink | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    keep_tensors: bool = False,
+    fixed_thoughts: bool = False,
+) -> TrajectoryResult:
     """Edit `image` (PIL RGB) following `params.prompt`; `params.width/height` are replaced by the edit size."""
-    return run_alone(engine, *prepare_edit(engine, params, image, keep_tensors, fixed_thoughts), on_event,
-                     should_cancel)
+    return run_alone(
+        engine, *prepare_edit(engine, params, image, keep_tensors, fixed_thoughts), on_event, should_cancel
+    )
 
 
 def _irg_edit(run: _Run, main: Context, no_text: Context, texts: Context) -> Gen:
@@ -213,17 +238,20 @@ class UnderstandingResult:
     context_rope: int = 0  # RoPE position of the start token
 
 
-def understanding_pool_budget(engine: Engine, sizes: Sequence[tuple[int, int]], text_tokens: int,
-                              max_tokens: int) -> tuple[int, int]:
+def understanding_pool_budget(
+    engine: Engine, sizes: Sequence[tuple[int, int]], text_tokens: int, max_tokens: int
+) -> tuple[int, int]:
     tokens = text_tokens + sum(image_block_tokens(engine, w, h, vae=False) for w, h in sizes) + max_tokens + 2
     return tokens, 2 * len(sizes) + 8
 
 
-def understanding_context_program(engine: Engine, params: UnderstandingParams,
-                                  resized: Sequence[Image.Image]) -> Gen:
+def understanding_context_program(engine: Engine, params: UnderstandingParams, resized: Sequence[Image.Image]) -> Gen:
     """Prefill [V?, X_1 (ViT), ..., X_n (ViT), Q]; returns the context the answer follows."""
-    system = params.system_prompt if params.system_prompt is not None else (
-        vlm_think_system_prompt() if params.think else None)
+    system = (
+        params.system_prompt
+        if params.system_prompt is not None
+        else (vlm_think_system_prompt() if params.think else None)
+    )
     tok = engine.tok
     ctx = (yield PrefillText(EMPTY, tok.frame(system))) if system else EMPTY
     for im in resized:
@@ -232,8 +260,7 @@ def understanding_context_program(engine: Engine, params: UnderstandingParams,
     return (yield PrefillText(ctx, tok.frame(params.question)))
 
 
-def understanding_context(engine: Engine, params: UnderstandingParams,
-                          images: Sequence[Image.Image]) -> Context:
+def understanding_context(engine: Engine, params: UnderstandingParams, images: Sequence[Image.Image]) -> Context:
     """`understanding_context_program` run alone on a reset pool (tests look at the context)."""
     resized = _understanding_inputs(engine, images)
     engine.reset_pool()
@@ -249,8 +276,9 @@ def _understanding_inputs(engine: Engine, images: Sequence[Image.Image]) -> list
     return resized
 
 
-def understanding_program(engine: Engine, params: UnderstandingParams, resized: Sequence[Image.Image],
-                          keep_logits: bool = False) -> Gen:
+def understanding_program(
+    engine: Engine, params: UnderstandingParams, resized: Sequence[Image.Image], keep_logits: bool = False
+) -> Gen:
     """Answer `params.question` about the VAE-resized images, streaming `answer.delta` / `answer.done`."""
     result = UnderstandingResult(params)
     t0 = yield Stamp()
@@ -278,27 +306,38 @@ def understanding_program(engine: Engine, params: UnderstandingParams, resized: 
     result.token_ids = ids
     result.text = engine.tok.thought(ids)
     yield Emit(EngineEvent("answer.done", {"text": result.text, "tokens": len(ids)}))
-    result.stages = [StageTiming("prefill", 0, elapsed(t0, t1)), StageTiming("answer", 0, elapsed(t1, t2),
-                                                                              tokens=len(ids))]
+    result.stages = [
+        StageTiming("prefill", 0, elapsed(t0, t1)),
+        StageTiming("answer", 0, elapsed(t1, t2), tokens=len(ids)),
+    ]
     result.total_seconds = elapsed(t0, t2)
     return result
 
 
-def prepare_understanding(engine: Engine, params: UnderstandingParams, images: Sequence[Image.Image],
-                          keep_logits: bool = False) -> tuple[Gen, int]:
+def prepare_understanding(
+    engine: Engine, params: UnderstandingParams, images: Sequence[Image.Image], keep_logits: bool = False
+) -> tuple[Gen, int]:
     """An understanding job's program and the KV pages it needs at worst."""
     params.validate()
     resized = _understanding_inputs(engine, images)
-    system = params.system_prompt if params.system_prompt is not None else (
-        vlm_think_system_prompt() if params.think else None)
+    system = (
+        params.system_prompt
+        if params.system_prompt is not None
+        else (vlm_think_system_prompt() if params.think else None)
+    )
     text_tokens = (len(engine.tok.frame(system)) if system else 0) + len(engine.tok.frame(params.question))
     budget = understanding_pool_budget(engine, [im.size for im in resized], text_tokens, params.max_tokens)
     return understanding_program(engine, params, resized, keep_logits), engine.pages_for(*budget)
 
 
-def run_understanding(engine: Engine, params: UnderstandingParams, images: Sequence[Image.Image],
-                      on_event: EventSink | None = None, should_cancel: Callable[[], bool] | None = None,
-                      keep_logits: bool = False) -> UnderstandingResult:
+def run_understanding(
+    engine: Engine,
+    params: UnderstandingParams,
+    images: Sequence[Image.Image],
+    on_event: EventSink | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    keep_logits: bool = False,
+) -> UnderstandingResult:
     """Answer `params.question` about `images` (PIL RGB, in order), streaming `answer.delta` / `answer.done`."""
     return run_alone(engine, *prepare_understanding(engine, params, images, keep_logits), on_event, should_cancel)
 
@@ -313,8 +352,9 @@ def drive(engine: Engine, program: Gen) -> Any:
         return stop.value
 
 
-def run_alone(engine: Engine, program: Gen, pages: int, on_event: EventSink | None,
-              should_cancel: Callable[[], bool] | None) -> Any:
+def run_alone(
+    engine: Engine, program: Gen, pages: int, on_event: EventSink | None, should_cancel: Callable[[], bool] | None
+) -> Any:
     """One program through a scheduler of its own, to its end (its error, or Cancelled, is raised)."""
     scheduler = Scheduler(engine, max_active=1)
     job = scheduler.submit(program, pages, on_event, should_cancel)

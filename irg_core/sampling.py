@@ -32,8 +32,15 @@ def _norm(v: Tensor, per_token: bool) -> Tensor:
     return torch.linalg.vector_norm(v, dtype=torch.float32)
 
 
-def cfg_combine(v: Tensor, v_no_text: Tensor | None, v_no_img: Tensor | None, text_scale: float,
-                img_scale: float, renorm: str, renorm_min: float) -> Tensor:
+def cfg_combine(
+    v: Tensor,
+    v_no_text: Tensor | None,
+    v_no_img: Tensor | None,
+    text_scale: float,
+    img_scale: float,
+    renorm: str,
+    renorm_min: float,
+) -> Tensor:
     """BAGEL `_forward_flow`: text guidance first, then image guidance, then the renorm.
 
     Guidance applies only when text_scale > 1 (image guidance alone does nothing, as upstream).
@@ -101,8 +108,8 @@ def _uniform_to_gumbel(h: Tensor) -> Tensor:
 
 
 # The extreme values the noise can take (u at its bounds), with a margin for float32 rounding.
-GUMBEL_MAX = -math.log(-math.log1p(-(2.0 ** -25))) + 1e-3
-GUMBEL_MIN = -math.log(-math.log(2.0 ** -25)) - 1e-3
+GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-25))) + 1e-3
+GUMBEL_MIN = -math.log(-math.log(2.0**-25)) - 1e-3
 CANDIDATES = 64
 
 

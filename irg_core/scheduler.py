@@ -111,8 +111,14 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Any, max_active: int = 8, prefill_chunk: int = 2048, max_denoise_rows: int = 65536,
-                 on_forward: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        max_active: int = 8,
+        prefill_chunk: int = 2048,
+        max_denoise_rows: int = 65536,
+        on_forward: Callable[[str, int], None] | None = None,
+    ):
         self.e = engine
         self.max_active = max_active
         self.prefill_chunk = prefill_chunk
@@ -129,14 +135,23 @@ class Scheduler:
     def capacity_pages(self) -> int:
         return self.e.pool.num_pages - 1  # one page is the decode step's scratch
 
-    def submit(self, program: Program, pages: int, sink: EventSink | None = None,
-               should_cancel: Callable[[], bool] | None = None, name: str = "") -> Job:
+    def submit(
+        self,
+        program: Program,
+        pages: int,
+        sink: EventSink | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        name: str = "",
+    ) -> Job:
         """Queue a program whose worst case needs `pages` KV pages; a job that could never fit is refused."""
         if pages > self.capacity_pages:
             program.close()
             size = self.capacity_pages * self.e.page_size
-            raise ParamError("kv_cache", f"this job needs up to {pages * self.e.page_size} KV tokens, more than the "
-                                         f"{size} the KV cache holds (raise IRG_KV_CACHE_GB or ask for less)")
+            raise ParamError(
+                "kv_cache",
+                f"this job needs up to {pages * self.e.page_size} KV tokens, more than the "
+                f"{size} the KV cache holds (raise IRG_KV_CACHE_GB or ask for less)",
+            )
         job = Job(program, pages, sink, should_cancel, name)
         self.waiting.append(job)
         return job
@@ -329,7 +344,7 @@ class Scheduler:
 
     def _prefill_chunk(self, job: Job, unit: PrefillText) -> Any:
         start = job.done_ids
-        chunk = unit.ids[start:start + self.prefill_chunk]
+        chunk = unit.ids[start : start + self.prefill_chunk]
         base = job.partial if job.partial is not None else unit.ctx
         ctx = self.e.run_prefill_text(base, chunk)
         self._forward("prefill_text", len(chunk))

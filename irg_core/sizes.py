@@ -10,8 +10,9 @@ def _divisible(value: float, stride: int) -> int:
     return max(stride, int(round(value / stride) * stride))
 
 
-def resize_target(width: int, height: int, max_size: int, min_size: int, stride: int,
-                  max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def resize_target(
+    width: int, height: int, max_size: int, min_size: int, stride: int, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """(width, height) after `MaxLongEdgeMinShortEdgeResize`; `round` is Python's (half to even), as upstream."""
 
     def apply(w: float, h: float, scale: float) -> tuple[int, int]:

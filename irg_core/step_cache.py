@@ -67,7 +67,7 @@ class TaylorSeerBranch:
         x = self.call - self.last_full
         out: Tensor | float = 0
         for i, f in enumerate(self.factors):
-            out = out + (1 / math.factorial(i)) * f * (x ** i)
+            out = out + (1 / math.factorial(i)) * f * (x**i)
         self.forecast_calls += 1
         self.call += 1
         assert isinstance(out, Tensor)

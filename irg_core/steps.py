@@ -140,6 +140,7 @@ class Stamp:
     """A point in time on the device's timeline (no synchronisation) -> an opaque mark for `elapsed`."""
 
 
-Unit = (PrefillText | PrefillImage | EncodeVae | EncodeVit | DecodeStep | DenoiseStep | DecodeLatent | Emit
-        | Free | Stamp)
+Unit = (
+    PrefillText | PrefillImage | EncodeVae | EncodeVit | DecodeStep | DenoiseStep | DecodeLatent | Emit | Free | Stamp
+)
 Program = Generator[Any, Any, Any]

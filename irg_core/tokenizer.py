@@ -52,8 +52,9 @@ class Tokenizer:
         if missing:
             what = "special tokens {} are" if len(missing) > 1 else "special token {} is"
             raise TokenizerError(f"{TOKENIZER_FILE}: {what.format(', '.join(missing))} missing")
-        self.special = SpecialTokens(ids["bos"], ids["eos"], ids["start_of_image"], ids["end_of_image"],
-                                     names["bos"], names["eos"])
+        self.special = SpecialTokens(
+            ids["bos"], ids["eos"], ids["start_of_image"], ids["end_of_image"], names["bos"], names["eos"]
+        )
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -98,11 +99,11 @@ class StreamDecoder:
         text = self._tok.thought(self._ids)
         if text.endswith("\ufffd") or not text.startswith(self._emitted):
             return ""  # wait for the rest of a multi-byte character
-        piece, self._emitted = text[len(self._emitted):], text
+        piece, self._emitted = text[len(self._emitted) :], text
         return piece
 
     def flush(self) -> str:
         text = self._tok.thought(self._ids)
-        piece = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        piece = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
         self._emitted = text
         return piece

@@ -40,8 +40,13 @@ from irg_core.scheduler import CANCELLED, FAILED, Scheduler
 EventSink = Callable[[EngineEvent], None]
 
 
-def prepare_any(engine: Engine, params: GenerationParams, images: Sequence[Image.Image] = (),
-                keep_tensors: bool = False, fixed_thoughts: bool = False) -> tuple[Any, int]:
+def prepare_any(
+    engine: Engine,
+    params: GenerationParams,
+    images: Sequence[Image.Image] = (),
+    keep_tensors: bool = False,
+    fixed_thoughts: bool = False,
+) -> tuple[Any, int]:
     """The program (and worst-case KV pages) of a text-to-image trajectory or, with `params.edit` and one input
     image, of an edit (`irg_core.recipes`)."""
     if params.edit or images:
@@ -53,9 +58,15 @@ def prepare_any(engine: Engine, params: GenerationParams, images: Sequence[Image
     return prepare(engine, params, keep_tensors, fixed_thoughts)
 
 
-def run_trajectory(engine: Engine, params: GenerationParams, on_event: EventSink | None = None,
-                   should_cancel: Callable[[], bool] | None = None, keep_tensors: bool = False,
-                   fixed_thoughts: bool = False, images: Sequence[Image.Image] = ()) -> TrajectoryResult:
+def run_trajectory(
+    engine: Engine,
+    params: GenerationParams,
+    on_event: EventSink | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    keep_tensors: bool = False,
+    fixed_thoughts: bool = False,
+    images: Sequence[Image.Image] = (),
+) -> TrajectoryResult:
     """Run one trajectory through the scheduler; raises `irg_core.errors.Cancelled` when `should_cancel()`
     turns true, and the trajectory's own error when it fails.
 

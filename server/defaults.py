@@ -23,8 +23,9 @@ def demo_defaults() -> ServingDefaults:
     return RECIPE.with_overrides(DEMO_SERVING_DEFAULTS, "demo checkpoint")
 
 
-def serving_defaults(model_dir: str | Path | None, dummy: bool = False,
-                     demo_when_unset: bool = True) -> ServingDefaults:
+def serving_defaults(
+    model_dir: str | Path | None, dummy: bool = False, demo_when_unset: bool = True
+) -> ServingDefaults:
     """The defaults of the model the server runs: the directory's `serving_defaults.json` over the recipe
     (raises DefaultsError if bad); the recipe's for dummy weights; without a directory, the demo's where the
     process runs the demo itself (`demo_when_unset`), else the recipe's (an API replica in front of Redis that

@@ -12,8 +12,16 @@ if TYPE_CHECKING:
     from server.queue.base import JobQueue
 
 QUEUED, STARTED, COMPLETED, FAILED, CANCELLED = "queued", "started", "completed", "failed", "cancelled"
-ENGINE_EVENTS = ("thinking.delta", "thinking.done", "image.progress", "image.done", "reflection.delta",
-                 "reflection.done", "answer.delta", "answer.done")
+ENGINE_EVENTS = (
+    "thinking.delta",
+    "thinking.done",
+    "image.progress",
+    "image.done",
+    "reflection.delta",
+    "reflection.done",
+    "answer.delta",
+    "answer.done",
+)
 TERMINAL_EVENTS = frozenset({COMPLETED, FAILED, CANCELLED})
 EVENT_ID = re.compile(r"^\d{1,19}(-\d{1,19})?$")  # a Redis stream id, or the in-process queue's counter
 READ_BLOCK_S = 5.0  # longest single wait for new events (short, so a gone job or client is noticed)
@@ -36,8 +44,9 @@ def valid_event_id(value: str) -> bool:
     return bool(EVENT_ID.match(value))
 
 
-async def follow(queue: JobQueue, job_id: str, after: str | None = None,
-                 deadline: float | None = None) -> AsyncIterator[list[StoredEvent]]:
+async def follow(
+    queue: JobQueue, job_id: str, after: str | None = None, deadline: float | None = None
+) -> AsyncIterator[list[StoredEvent]]:
     """A job's events after `after`, in batches as they come, through its terminal event (or until `deadline`,
     monotonic)."""
     while True:
@@ -47,7 +56,7 @@ async def follow(queue: JobQueue, job_id: str, after: str | None = None,
         events = await queue.read_events(job_id, after, block)
         ends = next((i for i, e in enumerate(events) if e.terminal), None)
         if ends is not None:
-            yield events[:ends + 1]
+            yield events[: ends + 1]
             return
         if events:
             yield events

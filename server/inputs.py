@@ -61,14 +61,19 @@ def sniff_format(data: bytes) -> str:
 
 def check_size(width: int, height: int, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
-        raise ImageInputError(f"the image is {width}x{height} = {width * height} pixels, over the limit of "
-                              f"{limits.max_pixels} pixels", 413, "max_pixels")
+        raise ImageInputError(
+            f"the image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels} pixels",
+            413,
+            "max_pixels",
+        )
     if max(width, height) > limits.max_side:
-        raise ImageInputError(f"the image is {width}x{height}, over the limit of {limits.max_side} pixels per "
-                              f"side", 413, "max_side")
+        raise ImageInputError(
+            f"the image is {width}x{height}, over the limit of {limits.max_side} pixels per side", 413, "max_side"
+        )
     if min(width, height) < limits.min_side:
-        raise ImageInputError(f"the image is {width}x{height}, under the minimum of {limits.min_side} pixels per "
-                              f"side", 422, "min_side")
+        raise ImageInputError(
+            f"the image is {width}x{height}, under the minimum of {limits.min_side} pixels per side", 422, "min_side"
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -86,8 +91,9 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Validated bytes -> PIL RGB image (EXIF orientation applied); `ImageInputError` names any problem."""
     limits = limits or ImageLimits()
     if len(data) > limits.max_bytes:
-        raise ImageInputError(f"the image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes", 413,
-                              "max_bytes")
+        raise ImageInputError(
+            f"the image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes", 413, "max_bytes"
+        )
     fmt = sniff_format(data)
     try:
         with warnings.catch_warnings():
@@ -120,8 +126,9 @@ def decode_base64(text: str, limits: ImageLimits | None = None) -> bytes:
             raise ImageInputError("a data URL must be data:image/<png|jpeg|webp>;base64,<bytes>")
         s = payload
     if len(s) * 3 // 4 > limits.max_bytes + 3:
-        raise ImageInputError(f"the image is about {len(s) * 3 // 4} bytes, over the limit of {limits.max_bytes} "
-                              f"bytes", 413, "max_bytes")
+        raise ImageInputError(
+            f"the image is about {len(s) * 3 // 4} bytes, over the limit of {limits.max_bytes} bytes", 413, "max_bytes"
+        )
     try:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as e:

@@ -91,8 +91,10 @@ class JobRecord:
 
     @classmethod
     def from_fields(cls, raw: dict[Any, Any]) -> JobRecord:
-        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in raw.items()}
+        d = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
         kw: dict[str, Any] = {"id": d["id"], "params": json.loads(d["params"])}
         for name in JSON_FIELDS[1:]:
             if d.get(name):
@@ -100,8 +102,13 @@ class JobRecord:
         for name in FLOAT_FIELDS:
             kw[name] = float(d[name]) if d.get(name) else None
         kw["created_at"] = kw["created_at"] or 0.0
-        kw.update(owner=d.get("owner", ""), status=d.get("status", "queued"), attempt=int(d.get("attempt") or 0),
-                  worker=d.get("worker", ""), cancel=bool(d.get("cancel")))
+        kw.update(
+            owner=d.get("owner", ""),
+            status=d.get("status", "queued"),
+            attempt=int(d.get("attempt") or 0),
+            worker=d.get("worker", ""),
+            cancel=bool(d.get("cancel")),
+        )
         return cls(**kw)
 
 
@@ -116,8 +123,12 @@ def _check_limits(opts: GenerationOptions, prompt: str, settings: Settings, **va
     if len(prompt) > settings.max_prompt_chars:
         raise RequestError("prompt", f"must be at most {settings.max_prompt_chars} characters")
     side = (16, settings.max_side, "a multiple of 16 ")
-    limits = {"width": side, "height": side, "steps": (2, settings.max_steps, ""),
-              "max_tokens": (1, settings.max_think_tokens, "")}
+    limits = {
+        "width": side,
+        "height": side,
+        "steps": (2, settings.max_steps, ""),
+        "max_tokens": (1, settings.max_think_tokens, ""),
+    }
     for name, value in values.items():
         lo, hi, what = limits[name]
         if value > hi:
@@ -153,8 +164,11 @@ def check_input_images(images: list[str | bytes], settings: Settings, field_name
     import hashlib
 
     if len(images) > settings.max_input_images:
-        raise ImageInputError(f"{field_name}: at most {settings.max_input_images} input images (IRG_MAX_INPUT_IMAGES)",
-                              413, "max_input_images")
+        raise ImageInputError(
+            f"{field_name}: at most {settings.max_input_images} input images (IRG_MAX_INPUT_IMAGES)",
+            413,
+            "max_input_images",
+        )
     limits = image_limits(settings)
     raw, meta = [], []
     for i, item in enumerate(images):
@@ -168,8 +182,15 @@ def check_input_images(images: list[str | bytes], settings: Settings, field_name
             e.field = where
             raise
         raw.append(data)
-        meta.append({"format": sniff_format(data), "width": image.width, "height": image.height, "bytes": len(data),
-                     "sha256": hashlib.sha256(data).hexdigest()})
+        meta.append(
+            {
+                "format": sniff_format(data),
+                "width": image.width,
+                "height": image.height,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
     return InputImages(raw, meta)
 
 
@@ -181,9 +202,16 @@ def input_images(job: JobRecord) -> list[Any]:
     return [decode_image(base64.b64decode(b), loose) for b in job.inputs]
 
 
-def build_params(opts: GenerationOptions, prompt: str, width: int | None, height: int | None,
-                 settings: Settings, defaults: ServingDefaults = RECIPE, inputs: InputImages | None = None,
-                 task: str = "generate") -> dict[str, Any]:
+def build_params(
+    opts: GenerationOptions,
+    prompt: str,
+    width: int | None,
+    height: int | None,
+    settings: Settings,
+    defaults: ServingDefaults = RECIPE,
+    inputs: InputImages | None = None,
+    task: str = "generate",
+) -> dict[str, Any]:
     """The resolved parameters (ResolvedParams JSON) of a request; raises RequestError (422).
 
     A field left out takes the mode's default in `defaults` (the model's serving defaults, see
@@ -198,9 +226,11 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
         raise RequestError("images", "an edit takes one input image (several are for task understand)")
     if edit:
         if width is not None or height is not None:
-            raise RequestError("width" if width is not None else "height",
-                               "an edit's output size follows the input image (the VAE transform's resize of it, "
-                               "as in the official code); leave width and height out")
+            raise RequestError(
+                "width" if width is not None else "height",
+                "an edit's output size follows the input image (the VAE transform's resize of it, "
+                "as in the official code); leave width and height out",
+            )
         assert inputs is not None
         width, height = edit_output_size(inputs.meta[0]["width"], inputs.meta[0]["height"])
     mode = defaults.for_mode(opts.mode)
@@ -220,11 +250,20 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
         overrides = given[k - 1].model_dump(exclude_none=True) if k <= len(given) else {}
         guidance.append(round_guidance(k, overrides, edit).to_dict())
     seed = opts.seed if opts.seed is not None else secrets.randbits(31)  # < 2^53: exact in JavaScript too
-    params = {"prompt": prompt, "mode": opts.mode, "rounds": rounds, "width": width, "height": height,
-              "steps": steps, "seed": seed,
-              "thinking": {"max_tokens": max_tokens, "temperature": temperature},
-              "guidance": guidance, "cache": opts.cache.model_dump() if opts.cache is not None else None,
-              "previews": opts.previews, "preview_decoder": opts.preview_decoder}
+    params = {
+        "prompt": prompt,
+        "mode": opts.mode,
+        "rounds": rounds,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "seed": seed,
+        "thinking": {"max_tokens": max_tokens, "temperature": temperature},
+        "guidance": guidance,
+        "cache": opts.cache.model_dump() if opts.cache is not None else None,
+        "previews": opts.previews,
+        "preview_decoder": opts.preview_decoder,
+    }
     if edit:
         assert inputs is not None
         params.update(edit=True, inputs=inputs.meta)
@@ -235,17 +274,26 @@ def build_params(opts: GenerationOptions, prompt: str, width: int | None, height
     return params
 
 
-def _understanding_params(opts: GenerationOptions, prompt: str, settings: Settings, inputs: InputImages | None,
-                          defaults: ServingDefaults = RECIPE) -> dict[str, Any]:
+def _understanding_params(
+    opts: GenerationOptions,
+    prompt: str,
+    settings: Settings,
+    inputs: InputImages | None,
+    defaults: ServingDefaults = RECIPE,
+) -> dict[str, Any]:
     if inputs is None or not inputs.raw:
         raise RequestError("images", "task understand needs at least one input image")
     mode = opts.mode if "mode" in opts.model_fields_set else "direct"
     if mode == "irg":
-        raise RequestError("mode", "task understand takes mode direct (an answer) or think (BAGEL's thinking "
-                                   "prompt first); irg draws images")
+        raise RequestError(
+            "mode",
+            "task understand takes mode direct (an answer) or think (BAGEL's thinking prompt first); irg draws images",
+        )
     if opts.rounds not in (None, 1) or opts.guidance:
-        raise RequestError("rounds" if opts.rounds not in (None, 1) else "guidance",
-                           "task understand draws no image: leave rounds and guidance out")
+        raise RequestError(
+            "rounds" if opts.rounds not in (None, 1) else "guidance",
+            "task understand draws no image: leave rounds and guidance out",
+        )
     if opts.steps is not None:
         raise RequestError("steps", "task understand draws no image: leave steps out")
     if len(prompt) > settings.max_prompt_chars:
@@ -256,9 +304,20 @@ def _understanding_params(opts: GenerationOptions, prompt: str, settings: Settin
     if max_tokens > settings.max_think_tokens:
         raise RequestError("thinking.max_tokens", f"must be within [1, {settings.max_think_tokens}] on this server")
     seed = opts.seed if opts.seed is not None else secrets.randbits(31)
-    params = {"prompt": prompt, "mode": mode, "rounds": 0, "width": 0, "height": 0, "steps": 0, "seed": seed,
-              "thinking": {"max_tokens": max_tokens, "temperature": temperature}, "guidance": [],
-              "task": "understand", "edit": False, "inputs": inputs.meta}
+    params = {
+        "prompt": prompt,
+        "mode": mode,
+        "rounds": 0,
+        "width": 0,
+        "height": 0,
+        "steps": 0,
+        "seed": seed,
+        "thinking": {"max_tokens": max_tokens, "temperature": temperature},
+        "guidance": [],
+        "task": "understand",
+        "edit": False,
+        "inputs": inputs.meta,
+    }
     try:
         understanding_params(params).validate()
     except ParamError as e:
@@ -268,33 +327,57 @@ def _understanding_params(opts: GenerationOptions, prompt: str, settings: Settin
 
 def understanding_params(params: dict[str, Any]) -> UnderstandingParams:
     """The engine's understanding parameters from a job's resolved parameters (prompt = the question)."""
-    return UnderstandingParams(question=params["prompt"], max_tokens=params["thinking"]["max_tokens"],
-                               temperature=params["thinking"]["temperature"], seed=params["seed"],
-                               think=params["mode"] == "think")
+    return UnderstandingParams(
+        question=params["prompt"],
+        max_tokens=params["thinking"]["max_tokens"],
+        temperature=params["thinking"]["temperature"],
+        seed=params["seed"],
+        think=params["mode"] == "think",
+    )
 
 
 def _api_field(name: str) -> str:
     """The request's name of an engine or limit field."""
-    return {"max_think_tokens": "thinking.max_tokens", "max_tokens": "thinking.max_tokens",
-            "temperature": "thinking.temperature", "question": "prompt"}.get(name, name)
+    return {
+        "max_think_tokens": "thinking.max_tokens",
+        "max_tokens": "thinking.max_tokens",
+        "temperature": "thinking.temperature",
+        "question": "prompt",
+    }.get(name, name)
 
 
 def generation_params(params: dict[str, Any]) -> GenerationParams:
     """The engine's parameters from a job's resolved parameters."""
     guidance = tuple(RoundGuidance(**dict(g, interval=tuple(g["interval"]))) for g in params["guidance"])
     return GenerationParams(
-        prompt=params["prompt"], mode=params["mode"], rounds=params["rounds"], width=params["width"],
-        height=params["height"], steps=params["steps"],
-        seed=params["seed"], max_think_tokens=params["thinking"]["max_tokens"],
-        temperature=params["thinking"]["temperature"], guidance=guidance, edit=bool(params.get("edit")),
+        prompt=params["prompt"],
+        mode=params["mode"],
+        rounds=params["rounds"],
+        width=params["width"],
+        height=params["height"],
+        steps=params["steps"],
+        seed=params["seed"],
+        max_think_tokens=params["thinking"]["max_tokens"],
+        temperature=params["thinking"]["temperature"],
+        guidance=guidance,
+        edit=bool(params.get("edit")),
         cache=StepCacheParams(**params["cache"]) if params.get("cache") else None,
-        previews=int(params.get("previews", 0)), preview_decoder=params.get("preview_decoder", "fast"))
+        previews=int(params.get("previews", 0)),
+        preview_decoder=params.get("preview_decoder", "fast"),
+    )
 
 
-def new_job(params: dict[str, Any], owner: str, image_b64: bool, job_id: str | None = None,
-            inputs: InputImages | None = None) -> JobRecord:
-    return JobRecord(id=job_id or new_job_id(), params=params, owner=owner, created_at=time.time(),
-                     options={"image_b64": image_b64}, inputs=inputs.b64 if inputs else [])
+def new_job(
+    params: dict[str, Any], owner: str, image_b64: bool, job_id: str | None = None, inputs: InputImages | None = None
+) -> JobRecord:
+    return JobRecord(
+        id=job_id or new_job_id(),
+        params=params,
+        owner=owner,
+        created_at=time.time(),
+        options={"image_b64": image_b64},
+        inputs=inputs.b64 if inputs else [],
+    )
 
 
 # -- images -----------------------------------------------------------------------------------------------
@@ -332,16 +415,29 @@ def image_url(job_id: str, name: str) -> str:
 
 def job_public(job: JobRecord, position: int | None = None) -> JobPublic:
     rounds = job.image_rounds
-    images = [dict(img, name=image_name(img["round"], rounds), url=image_url(job.id, image_name(img["round"], rounds)))
-              for img in job.images]
+    images = [
+        dict(img, name=image_name(img["round"], rounds), url=image_url(job.id, image_name(img["round"], rounds)))
+        for img in job.images
+    ]
     timings = dict(job.timings)
     if job.started_at is not None:
         timings["queued_seconds"] = max(0.0, job.started_at - job.created_at)
     return JobPublic(
-        id=job.id, status=job.status, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, queue_position=position if job.status == "queued" else None,
-        attempt=job.attempt, worker=job.worker or None, cancel_requested=job.cancel and not job.terminal,
-        params=job.params, texts=[TextOut(**t) for t in job.texts], images=images, timings=timings,
+        id=job.id,
+        status=job.status,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        queue_position=position if job.status == "queued" else None,
+        attempt=job.attempt,
+        worker=job.worker or None,
+        cancel_requested=job.cancel and not job.terminal,
+        params=job.params,
+        texts=[TextOut(**t) for t in job.texts],
+        images=images,
+        timings=timings,
         answer=job.answer,
-        usage=job.usage, error=job.error,
-        links=JobLinks(self=job_path(job.id), events=f"{job_path(job.id)}/events"))
+        usage=job.usage,
+        error=job.error,
+        links=JobLinks(self=job_path(job.id), events=f"{job_path(job.id)}/events"),
+    )

@@ -125,7 +125,7 @@ class RedisLive:
                         continue
                     channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
                     with contextlib.suppress(ValueError, KeyError, TypeError):
-                        self.hub.publish(channel[len(self.prefix):], LiveEvent.from_json(msg["data"]))
+                        self.hub.publish(channel[len(self.prefix) :], LiveEvent.from_json(msg["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # best effort: the durable stream goes on without previews meanwhile
@@ -148,8 +148,13 @@ def encode_live(event: LiveEvent) -> bytes:
 
 
 def resumed_notice(after: str) -> bytes:
-    data = json.dumps({"after": after, "note": "resumed after a durable event; previews (image.preview) are "
-                                               "ephemeral and the ones sent before are not replayed"})
+    data = json.dumps(
+        {
+            "after": after,
+            "note": "resumed after a durable event; previews (image.preview) are "
+            "ephemeral and the ones sent before are not replayed",
+        }
+    )
     return encode_live(LiveEvent(RESUMED, data))
 
 

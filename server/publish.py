@@ -93,8 +93,9 @@ class Publisher:
         data["url"] = image_url(self.job.id, image_name(k, self.job.image_rounds))
         if self.b64:
             data["b64"] = base64.b64encode(png).decode("ascii")
-        self.images.append({"round": k, "kind": event.data["kind"], "width": event.data["width"],
-                            "height": event.data["height"]})
+        self.images.append(
+            {"round": k, "kind": event.data["kind"], "width": event.data["width"], "height": event.data["height"]}
+        )
         return {"images": _dumps(self.images)}
 
     def record(self, **changes: Any) -> JobRecord:

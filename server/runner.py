@@ -20,8 +20,9 @@ from irg_core.trajectory import prepare_any, run_trajectory
 from server import metrics
 
 log = logging.getLogger(__name__)
-WARMUP = GenerationParams(prompt="warm-up", mode="irg", rounds=2, width=64, height=64, steps=3, seed=0,
-                          max_think_tokens=4, previews=1)  # previews: fits the fast preview map at start
+WARMUP = GenerationParams(
+    prompt="warm-up", mode="irg", rounds=2, width=64, height=64, steps=3, seed=0, max_think_tokens=4, previews=1
+)  # previews: fits the fast preview map at start
 
 
 def _observe_forward(kind: str, rows: int) -> None:
@@ -65,14 +66,24 @@ class EngineRunner:
             torch.cuda.synchronize(self.engine.device)
 
     # -- the worker's interface ------------------------------------------------------------------------------
-    def submit(self, params: GenerationParams, on_event: Callable[[EngineEvent], None],
-               should_cancel: Callable[[], bool], images: Sequence[Any] = ()) -> Job:
+    def submit(
+        self,
+        params: GenerationParams,
+        on_event: Callable[[EngineEvent], None],
+        should_cancel: Callable[[], bool],
+        images: Sequence[Any] = (),
+    ) -> Job:
         """A trajectory, or an edit of `images[0]` (params.edit)."""
         program, pages = prepare_any(self.engine, params, images)
         return self.scheduler.submit(program, pages, on_event, should_cancel)
 
-    def submit_understanding(self, params: UnderstandingParams, images: Sequence[Any],
-                             on_event: Callable[[EngineEvent], None], should_cancel: Callable[[], bool]) -> Job:
+    def submit_understanding(
+        self,
+        params: UnderstandingParams,
+        images: Sequence[Any],
+        on_event: Callable[[EngineEvent], None],
+        should_cancel: Callable[[], bool],
+    ) -> Job:
         """An answer about `images` (irg_core.recipes); the job's result is an UnderstandingResult."""
         program, pages = prepare_understanding(self.engine, params, images)
         return self.scheduler.submit(program, pages, on_event, should_cancel)
@@ -91,21 +102,27 @@ class EngineRunner:
     def cancel(self, handle: Job) -> None:
         self.scheduler.cancel(handle)
 
-    def run(self, params: GenerationParams, on_event: Callable[[EngineEvent], None],
-            should_cancel: Callable[[], bool]) -> TrajectoryResult:
+    def run(
+        self, params: GenerationParams, on_event: Callable[[EngineEvent], None], should_cancel: Callable[[], bool]
+    ) -> TrajectoryResult:
         """One trajectory to the end on its own (the CLI's path)."""
         return run_trajectory(self.engine, params, on_event=on_event, should_cancel=should_cancel)
 
     def usage(self, params: GenerationParams, result: TrajectoryResult) -> dict[str, int]:
         d = self.engine.cfg.latent_downsample
-        return {"prompt_tokens": len(self.engine.tok.frame(params.prompt)),
-                "text_tokens": sum(s.tokens for s in result.stages),
-                "image_tokens": image_rounds(params.mode, params.rounds) * (params.width // d) * (params.height // d)}
+        return {
+            "prompt_tokens": len(self.engine.tok.frame(params.prompt)),
+            "text_tokens": sum(s.tokens for s in result.stages),
+            "image_tokens": image_rounds(params.mode, params.rounds) * (params.width // d) * (params.height // d),
+        }
 
     def memory(self) -> dict[str, int]:
         if self.engine.device.type != "cuda":
             return {}
         dev = self.engine.device
-        return {"allocated": torch.cuda.memory_allocated(dev), "reserved": torch.cuda.memory_reserved(dev),
-                "peak": torch.cuda.max_memory_allocated(dev),
-                "total": torch.cuda.get_device_properties(dev).total_memory}
+        return {
+            "allocated": torch.cuda.memory_allocated(dev),
+            "reserved": torch.cuda.memory_reserved(dev),
+            "peak": torch.cuda.max_memory_allocated(dev),
+            "total": torch.cuda.get_device_properties(dev).total_memory,
+        }

@@ -73,8 +73,11 @@ def _not_blank(v: str) -> str:
     return v
 
 
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_SCHEMA, description="what to draw (non-empty)"),
-                   AfterValidator(_not_blank)]
+Prompt = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_PROMPT_SCHEMA, description="what to draw (non-empty)"),
+    AfterValidator(_not_blank),
+]
 
 
 class Request(BaseModel):
@@ -86,33 +89,57 @@ class Request(BaseModel):
 class ThinkingOptions(Request):
     """How the thoughts (the plan, and each reflection) are decoded."""
 
-    max_tokens: int | None = Field(None, ge=1, le=MAX_THINK_TOKENS, description=(
-        f"tokens decoded per thought at most (default: the model's for the mode; the recipe's are "
-        f"{RECIPE.for_mode('irg').max_think_tokens} for irg, {RECIPE.for_mode('think').max_think_tokens} for "
-        "think; GET /v1/defaults; capped by the server's limit)"))
-    temperature: float | None = Field(None, ge=0.0, le=10.0, description=(
-        f"0 = greedy decoding (default: the model's for the mode; the recipe's are "
-        f"{RECIPE.for_mode('irg').temperature} for irg, greedy for think; GET /v1/defaults)"))
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_THINK_TOKENS,
+        description=(
+            f"tokens decoded per thought at most (default: the model's for the mode; the recipe's are "
+            f"{RECIPE.for_mode('irg').max_think_tokens} for irg, {RECIPE.for_mode('think').max_think_tokens} for "
+            "think; GET /v1/defaults; capped by the server's limit)"
+        ),
+    )
+    temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=10.0,
+        description=(
+            f"0 = greedy decoding (default: the model's for the mode; the recipe's are "
+            f"{RECIPE.for_mode('irg').temperature} for irg, greedy for think; GET /v1/defaults)"
+        ),
+    )
 
 
 class GuidanceOptions(Request):
     """Guidance of one image round; a field left out takes that round's default."""
 
-    text_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE,
-                                     description=f"text CFG scale (default {FIRST_ROUND.text_scale} in round 1, "
-                                                 f"{LATER_ROUND.text_scale} later)")
-    image_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE,
-                                      description=f"image CFG scale (default {FIRST_ROUND.image_scale} in round 1, "
-                                                  f"{LATER_ROUND.image_scale} later: the paper's dual guidance)")
+    text_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=MAX_GUIDANCE_SCALE,
+        description=f"text CFG scale (default {FIRST_ROUND.text_scale} in round 1, {LATER_ROUND.text_scale} later)",
+    )
+    image_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=MAX_GUIDANCE_SCALE,
+        description=f"image CFG scale (default {FIRST_ROUND.image_scale} in round 1, "
+        f"{LATER_ROUND.image_scale} later: the paper's dual guidance)",
+    )
     interval: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
-        None, min_length=2, max_length=2,
+        None,
+        min_length=2,
+        max_length=2,
         description=f"[lo, hi] part of the schedule where CFG applies (default {list(FIRST_ROUND.interval)} in "
-                    f"round 1, {list(LATER_ROUND.interval)} later)")
+        f"round 1, {list(LATER_ROUND.interval)} later)",
+    )
     renorm: Literal["global", "channel", "text_channel"] | None = Field(
-        None, description=f"CFG renormalisation (default {FIRST_ROUND.renorm} in round 1, {LATER_ROUND.renorm} later)")
+        None, description=f"CFG renormalisation (default {FIRST_ROUND.renorm} in round 1, {LATER_ROUND.renorm} later)"
+    )
     renorm_min: float | None = Field(None, ge=0.0, le=1.0, description="lower clamp of the renorm factor (default 0)")
-    timestep_shift: float | None = Field(None, gt=0.0, le=MAX_TIMESTEP_SHIFT,
-                                         description=f"schedule shift (default {FIRST_ROUND.timestep_shift})")
+    timestep_shift: float | None = Field(
+        None, gt=0.0, le=MAX_TIMESTEP_SHIFT, description=f"schedule shift (default {FIRST_ROUND.timestep_shift})"
+    )
 
     @field_validator("interval")
     @classmethod
@@ -125,12 +152,19 @@ class GuidanceOptions(Request):
 class CacheOptions(Request):
     """Opt-in step caching (not exact): TaylorSeer as the official BAGEL code runs it, official defaults."""
 
-    method: Literal["taylorseer"] = Field(description="taylorseer: forecast most denoising steps from the last "
-                                                      "computed ones (Taylor expansion per CFG branch)")
-    fresh_threshold: int = Field(CACHE_DEFAULTS.fresh_threshold, ge=1, le=MAX_STEPS,
-                                 description="after the first phase, every n-th call of a branch runs the model")
-    first_enhance: int = Field(CACHE_DEFAULTS.first_enhance, ge=1, le=MAX_STEPS,
-                               description="the first n calls of a branch run the model")
+    method: Literal["taylorseer"] = Field(
+        description="taylorseer: forecast most denoising steps from the last "
+        "computed ones (Taylor expansion per CFG branch)"
+    )
+    fresh_threshold: int = Field(
+        CACHE_DEFAULTS.fresh_threshold,
+        ge=1,
+        le=MAX_STEPS,
+        description="after the first phase, every n-th call of a branch runs the model",
+    )
+    first_enhance: int = Field(
+        CACHE_DEFAULTS.first_enhance, ge=1, le=MAX_STEPS, description="the first n calls of a branch run the model"
+    )
     max_order: int = Field(CACHE_DEFAULTS.max_order, ge=0, le=MAX_CACHE_ORDER, description="highest Taylor order")
 
 
@@ -138,41 +172,75 @@ class GenerationOptions(Request):
     """The knobs of a trajectory, shared by `/v1/generations` and the IRG extensions of the OpenAI route."""
 
     mode: Literal["irg", "think", "direct"] = Field(
-        "irg", description="irg: think, draft, reflect, refine; think: plan then one image; direct: one image")
-    rounds: int | None = Field(None, ge=1, le=MAX_ROUNDS,
-                               description=f"image rounds (default {DEFAULTS['rounds']} for irg; 1 otherwise)")
-    steps: int | None = Field(None, ge=2, le=MAX_STEPS, description=(
-        f"denoising timesteps per image (default: the model's, recipe {RECIPE.for_mode('irg').steps}; capped "
-        "by the server's limit; BAGEL counts 50 -> 49 model evaluations)"))
+        "irg", description="irg: think, draft, reflect, refine; think: plan then one image; direct: one image"
+    )
+    rounds: int | None = Field(
+        None, ge=1, le=MAX_ROUNDS, description=f"image rounds (default {DEFAULTS['rounds']} for irg; 1 otherwise)"
+    )
+    steps: int | None = Field(
+        None,
+        ge=2,
+        le=MAX_STEPS,
+        description=(
+            f"denoising timesteps per image (default: the model's, recipe {RECIPE.for_mode('irg').steps}; capped "
+            "by the server's limit; BAGEL counts 50 -> 49 model evaluations)"
+        ),
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed; drawn when left out, always reported")
     thinking: ThinkingOptions = Field(default_factory=ThinkingOptions, description="thought decoding")
-    guidance: list[GuidanceOptions] | None = Field(None, max_length=MAX_ROUNDS,
-                                                   description="per image round, in order; missing rounds: defaults")
+    guidance: list[GuidanceOptions] | None = Field(
+        None, max_length=MAX_ROUNDS, description="per image round, in order; missing rounds: defaults"
+    )
     cache: CacheOptions | None = Field(None, description="step caching (faster, not exact); left out: exact")
-    previews: int = Field(DEFAULT_PREVIEWS, ge=0, le=MAX_PREVIEWS, description=(
-        "image.preview events per image while it is denoised (ephemeral: live watchers only; 0 = off)"))
+    previews: int = Field(
+        DEFAULT_PREVIEWS,
+        ge=0,
+        le=MAX_PREVIEWS,
+        description=("image.preview events per image while it is denoised (ephemeral: live watchers only; 0 = off)"),
+    )
     preview_decoder: Literal["fast", "vae"] = Field(
-        "fast", description="fast: a linear latent->RGB map (microseconds); vae: the full VAE decode")
+        "fast", description="fast: a linear latent->RGB map (microseconds); vae: the full VAE decode"
+    )
 
 
 class GenerateRequest(GenerationOptions):
     """`POST /v1/generations` (JSON, or multipart: a `request` part with this JSON plus `image` file parts)."""
 
     task: Literal["generate", "understand"] = Field(
-        "generate", description="generate: an image (an edit when `images` holds one); understand: answer the "
-                                "prompt (a question) about `images`, streamed as answer.delta / answer.done")
+        "generate",
+        description="generate: an image (an edit when `images` holds one); understand: answer the "
+        "prompt (a question) about `images`, streamed as answer.delta / answer.done",
+    )
     images: list[Annotated[str, Field(max_length=MAX_IMAGE_B64)]] | None = Field(
-        None, max_length=16, description="input images: base64 PNG/JPEG/WebP or data:image/...;base64 URLs "
-                                         "(never fetched from the web); one to edit, one or more to understand")
+        None,
+        max_length=16,
+        description="input images: base64 PNG/JPEG/WebP or data:image/...;base64 URLs "
+        "(never fetched from the web); one to edit, one or more to understand",
+    )
     prompt: Prompt
-    width: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16, description=(
-        f"pixels (default: the model's, recipe {RECIPE.for_mode('irg').width}; capped by the server's largest side)"))
-    height: int | None = Field(None, ge=16, le=BAGEL_MAX_SIDE, multiple_of=16, description=(
-        f"pixels (default: the model's, recipe {RECIPE.for_mode('irg').height}; capped by the server's largest "
-        "side)"))
+    width: int | None = Field(
+        None,
+        ge=16,
+        le=BAGEL_MAX_SIDE,
+        multiple_of=16,
+        description=(
+            f"pixels (default: the model's, recipe {RECIPE.for_mode('irg').width}; capped by the server's largest side)"
+        ),
+    )
+    height: int | None = Field(
+        None,
+        ge=16,
+        le=BAGEL_MAX_SIDE,
+        multiple_of=16,
+        description=(
+            f"pixels (default: the model's, recipe {RECIPE.for_mode('irg').height}; capped by the server's largest "
+            "side)"
+        ),
+    )
     stream: bool = Field(False, description="answer with the job's SSE stream instead of 202 + job")
     wait: bool = Field(False, description="block until the job ends (bounded by the server) and return it")
     image_b64: bool = Field(False, description="image.done events also carry the PNG, base64-encoded, in `b64`")
+
 
 # -- responses -----------------------------------------------------------------------------------------
 

@@ -27,14 +27,19 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `irg serve` binds")
     port: int = Field(8000, ge=0, le=65535, description="port `irg serve` binds (0: any free port)")
     redis_url: str | None = Field(None, description="Redis URL; unset: the embedded in-process queue")
-    redis_pool_size: int = Field(64, ge=1, le=10_000, description="Redis connections an API process uses for "
-                                 "commands (watching clients have their own)")
+    redis_pool_size: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Redis connections an API process uses for commands (watching clients have their own)",
+    )
     redis_prefix: str = Field("irg", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="prefix of every Redis key")
     model_dir: Path | None = Field(None, description="model directory (default: the embedded demo checkpoint)")
     device: str | None = Field(None, description="worker device: cpu, cuda, cuda:1 ... (default: cuda if any)")
     worker_name: str | None = Field(None, description="worker name in heartbeats (default: host-pid)")
-    max_active: int | None = Field(None, ge=1, le=256, description="jobs a worker runs at once (default: 8 on CUDA, "
-                                   "2 on CPU)")
+    max_active: int | None = Field(
+        None, ge=1, le=256, description="jobs a worker runs at once (default: 8 on CUDA, 2 on CPU)"
+    )
     worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="`irg worker` /metrics port")
 
     # limits
@@ -45,11 +50,16 @@ class Settings(BaseSettings):
     max_steps: int = Field(MAX_STEPS, ge=2, le=MAX_STEPS, description="most denoising timesteps")
     max_think_tokens: int = Field(MAX_THINK_TOKENS, ge=1, le=MAX_THINK_TOKENS, description="longest thought")
     max_images: int = Field(4, ge=1, le=10, description="most images (`n`) per OpenAI-style request")
-    max_upload_bytes: int = Field(24 * 1024 * 1024, ge=1024, description="largest request body on the routes that "
-                                  "take input images (/v1/generations, /v1/images/edits, /v1/chat/completions)")
+    max_upload_bytes: int = Field(
+        24 * 1024 * 1024,
+        ge=1024,
+        description="largest request body on the routes that "
+        "take input images (/v1/generations, /v1/images/edits, /v1/chat/completions)",
+    )
     max_image_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest input image file")
-    max_image_pixels: int = Field(40_000_000, ge=256, description="most pixels of an input image (checked from "
-                                  "its header, before decoding)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=256, description="most pixels of an input image (checked from its header, before decoding)"
+    )
     max_image_side: int = Field(8192, ge=16, description="longest side of an input image")
     max_input_images: int = Field(4, ge=1, le=16, description="most input images per request (understanding)")
 
@@ -57,21 +67,30 @@ class Settings(BaseSettings):
     wait_timeout_s: float = Field(300.0, gt=0, description="how long `wait: true` blocks at most")
     job_timeout_s: float = Field(1800.0, gt=0, description="a running job fails after this long")
     result_ttl_s: int = Field(86400, ge=1, description="finished jobs, their events and images expire after this")
-    keep_finished: int = Field(200, ge=1, description="in-process queue only: finished jobs kept in memory at most "
-                               "(the oldest go first, even before result_ttl_s)")
+    keep_finished: int = Field(
+        200,
+        ge=1,
+        description="in-process queue only: finished jobs kept in memory at most "
+        "(the oldest go first, even before result_ttl_s)",
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429")
     lease_s: float = Field(30.0, gt=0, description="a claimed job's lease; renewed every lease_s / 3")
     heartbeat_s: float = Field(2.0, gt=0, description="worker heartbeat period; a worker is dead after 3 missed")
     cancel_poll_s: float = Field(0.2, gt=0, description="how often a busy worker looks for a cancellation")
     max_attempts: int = Field(3, ge=1, le=100, description="runs of a job whose workers died, before it fails")
-    drain_s: float = Field(25.0, ge=0, description="on SIGTERM, how long a worker may finish its job before "
-                           "handing it back (fits a 30 s termination grace period)")
+    drain_s: float = Field(
+        25.0,
+        ge=0,
+        description="on SIGTERM, how long a worker may finish its job before "
+        "handing it back (fits a 30 s termination grace period)",
+    )
     sse_ping_s: float = Field(15.0, gt=0, description="SSE keep-alive comment period")
     sse_send_timeout_s: float = Field(30.0, gt=0, description="an SSE client that takes no data this long is dropped")
 
     # security
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="accepted bearer keys, comma-separated (empty: no authentication)")
+        default_factory=list, description="accepted bearer keys, comma-separated (empty: no authentication)"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -101,8 +120,9 @@ class SettingsError(ValueError):
     """A setting is invalid; the message names the environment variable (or flag) and the problem, one line."""
 
 
-def settings_problems(error: ValidationError, flags: Mapping[str, str] | None = None,
-                      given: Mapping[str, Any] | None = None) -> str:
+def settings_problems(
+    error: ValidationError, flags: Mapping[str, str] | None = None, given: Mapping[str, Any] | None = None
+) -> str:
     """One line naming each invalid setting by where it came from: `IRG_PORT='abc': ...` for the environment,
     `--port 70000: ...` for a command-line flag (`flags` maps field names to flags, `given` holds their values)."""
     flags, given = flags or {}, given or {}

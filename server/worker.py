@@ -55,12 +55,14 @@ class Runner(Protocol):
     device: str
     model: str
 
-    def submit(self, params: GenerationParams, on_event: Any, should_cancel: Callable[[], bool],
-               images: list[Any] = ...) -> Handle:
+    def submit(
+        self, params: GenerationParams, on_event: Any, should_cancel: Callable[[], bool], images: list[Any] = ...
+    ) -> Handle:
         """Queue a trajectory, or an edit of `images[0]` (raises ParamError for parameters it cannot run)."""
 
-    def submit_understanding(self, params: Any, images: list[Any], on_event: Any,
-                             should_cancel: Callable[[], bool]) -> Handle:
+    def submit_understanding(
+        self, params: Any, images: list[Any], on_event: Any, should_cancel: Callable[[], bool]
+    ) -> Handle:
         """Queue an answer about `images` (its result: irg_core.recipes.UnderstandingResult)."""
 
     def step(self) -> bool:
@@ -166,12 +168,12 @@ class Worker:
         self.max_active = self._max_active(runner)
         if hasattr(runner, "max_active"):
             runner.max_active = self.max_active  # the scheduler admits as many as the worker claims
-        self.info = replace(self.info, ready=True, device=runner.device, model=runner.model,
-                            capacity=self.max_active)
+        self.info = replace(self.info, ready=True, device=runner.device, model=runner.model, capacity=self.max_active)
         self.q.heartbeat(self.info)
         self._ticker.start()
-        log.info("worker=%s ready device=%s model=%s max_active=%d", self.name, runner.device, runner.model,
-                 self.max_active)
+        log.info(
+            "worker=%s ready device=%s model=%s max_active=%d", self.name, runner.device, runner.model, self.max_active
+        )
 
     def _max_active(self, runner: Runner) -> int:
         if self.s.max_active is not None:
@@ -256,14 +258,14 @@ class Worker:
 
             if job.params.get("task") == "understand":  # an answer about the input images
                 running.understand = True
-                running.handle = self.runner.submit_understanding(understanding_params(job.params),
-                                                                  input_images(job), sink, stop)
+                running.handle = self.runner.submit_understanding(
+                    understanding_params(job.params), input_images(job), sink, stop
+                )
             else:  # a trajectory, or an edit of its input image
                 extra = {"images": input_images(job)} if job.inputs else {}
                 running.handle = self.runner.submit(generation_params(job.params), sink, stop, **extra)
         except Exception as e:  # bad parameters or the worker's own bookkeeping: the job fails alone
-            self._end(running, FAILED, running.publisher.record() if running.publisher else job,
-                      error=_failure(job, e))
+            self._end(running, FAILED, running.publisher.record() if running.publisher else job, error=_failure(job, e))
         return running
 
     def _sink(self, running: _Running) -> Callable[[Any], None]:
@@ -300,14 +302,19 @@ class Worker:
         if handle.status == "done":
             result = handle.result
             if running.understand:
-                usage = {"prompt_tokens": result.context_length, "text_tokens": len(result.token_ids),
-                         "image_tokens": 0}
+                usage = {
+                    "prompt_tokens": result.context_length,
+                    "text_tokens": len(result.token_ids),
+                    "image_tokens": 0,
+                }
             else:
                 usage = self.runner.usage(generation_params(job.params), result)
 
             def done() -> None:
-                final = publisher.record(timings={"run_seconds": result.total_seconds,
-                                                  "stages": [asdict(s) for s in result.stages]}, usage=usage)
+                final = publisher.record(
+                    timings={"run_seconds": result.total_seconds, "stages": [asdict(s) for s in result.stages]},
+                    usage=usage,
+                )
                 metrics.observe_stages(result.stages, result.total_seconds)
                 self._finish(running, COMPLETED, final)
 
@@ -433,8 +440,14 @@ class WorkerThread:
     """A worker on a thread of this process (`irg serve`): it loads its runner in the background, so the API
     starts at once and /readyz turns 200 when the model is warm, then runs jobs until stopped."""
 
-    def __init__(self, queue: WorkerQueue, settings: Settings, load: Callable[[], Runner],
-                 on_fatal: Callable[[], None] | None = None, name: str | None = None):
+    def __init__(
+        self,
+        queue: WorkerQueue,
+        settings: Settings,
+        load: Callable[[], Runner],
+        on_fatal: Callable[[], None] | None = None,
+        name: str | None = None,
+    ):
         self.worker = Worker(queue, settings, name=name or settings.worker_name or "embedded")
         self.load, self.on_fatal = load, on_fatal
         self.error: BaseException | None = None

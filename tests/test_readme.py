@@ -56,8 +56,11 @@ def irg_commands() -> list[list[str]]:
 
 def test_setup_commands_are_what_ci_and_the_tests_run() -> None:
     for name in ("serve.sh", "test.sh"):
-        command = [line for line in (REPO / "docs" / "commands" / name).read_text().splitlines()
-                   if line and not line.startswith("#")]
+        command = [
+            line
+            for line in (REPO / "docs" / "commands" / name).read_text().splitlines()
+            if line and not line.startswith("#")
+        ]
         assert len(command) == 1 and command[0] in shell_lines(), name
     assert "docs/commands/test.sh" in (REPO / ".ci" / "run").read_text()
 
@@ -82,8 +85,14 @@ def test_generate_and_bench_examples_run(tmp_path: Path, demo_dir: Path) -> None
         # generate on the demo checkpoint; bench as written (a packaged config by name): both outside the checkout
         extra = ["--model-dir", str(demo_dir)] if args[0] == "generate" else ["--repeats", "1"]
         cwd = tmp_path
-        p = subprocess.run([sys.executable, "-m", "server.cli", *args, *extra], cwd=cwd, capture_output=True,
-                           text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        p = subprocess.run(
+            [sys.executable, "-m", "server.cli", *args, *extra],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
         assert p.returncode == 0, (args, p.stderr[-2000:])
     assert Image.open(tmp_path / "out" / "round-2.png").size == (256, 256)
 
@@ -130,15 +139,23 @@ def test_http_examples_run(live: Server, tmp_path: Path) -> None:
     assert events[0] == "queued" and events[-1] == "completed"
     assert {"thinking.done", "reflection.done", "image.done"} <= set(events)
     # one line per stage in the terminal, not one per piece of text or denoising step
-    assert events == ["queued", "started", "thinking.done", "image.done", "reflection.done", "image.done",
-                      "completed"], events
+    assert events == [
+        "queued",
+        "started",
+        "thinking.done",
+        "image.done",
+        "reflection.done",
+        "image.done",
+        "completed",
+    ], events
     assert Image.open(tmp_path / "final.png").size == (256, 256)
 
 
 def test_openai_example_runs(live: Server, tmp_path: Path) -> None:
     (code,) = blocks("python")
-    p = subprocess.run([sys.executable, "-c", code.replace(LIVE, live.url)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", code.replace(LIVE, live.url)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["image_generation.partial_image", "image_generation.completed"]
     assert Image.open(tmp_path / "lighthouse.png").size == (256, 256)

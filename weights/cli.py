@@ -19,21 +19,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_init_demo)
 
-    dl = wsub.add_parser("download", help="download a known model's files from the Hugging Face Hub, then verify",
-                         description="Download only the files the engine reads (resumable: run it again after "
-                                     "an interruption), then run `irg weights verify DIR`. Honours HF_TOKEN, "
-                                     "HF_ENDPOINT (a mirror) and HF_HUB_OFFLINE.")
-    dl.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(known_models()),
-                    help=f"which model (default: {DEFAULT_MODEL})")
+    dl = wsub.add_parser(
+        "download",
+        help="download a known model's files from the Hugging Face Hub, then verify",
+        description="Download only the files the engine reads (resumable: run it again after "
+        "an interruption), then run `irg weights verify DIR`. Honours HF_TOKEN, "
+        "HF_ENDPOINT (a mirror) and HF_HUB_OFFLINE.",
+    )
+    dl.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        choices=sorted(known_models()),
+        help=f"which model (default: {DEFAULT_MODEL})",
+    )
     dl.add_argument("dir", type=Path, help="model directory to fill (created if needed)")
     dl.add_argument("--revision", help="branch, tag or commit (default: the manifest's)")
-    dl.add_argument("--repo", metavar="OWNER/NAME", help="download the same files from another repository "
-                    "(a copy or fine-tune in the same layout)")
+    dl.add_argument(
+        "--repo",
+        metavar="OWNER/NAME",
+        help="download the same files from another repository (a copy or fine-tune in the same layout)",
+    )
     dl.add_argument("--no-verify", action="store_true", help="skip the verification after the download")
     dl.set_defaults(func=_download, all=False)
 
-    ver = wsub.add_parser("verify", help="check configs, tokenizer and safetensors headers against the "
-                          "architecture (no tensor is loaded); exit code 0 when clean, 1 otherwise")
+    ver = wsub.add_parser(
+        "verify",
+        help="check configs, tokenizer and safetensors headers against the "
+        "architecture (no tensor is loaded); exit code 0 when clean, 1 otherwise",
+    )
     ver.add_argument("dir", type=Path, help="model directory in the official BAGEL layout")
     ver.add_argument("--all", action="store_true", help="list every problem (default: at most 20 per file)")
     ver.set_defaults(func=_verify)
@@ -53,8 +67,9 @@ def _download(args: argparse.Namespace) -> int:
 
     entry = known_models()[args.model]
     try:
-        commit = download(entry, args.dir, revision=args.revision, repo_id=args.repo,
-                          log=lambda line: print(line, file=sys.stderr))
+        commit = download(
+            entry, args.dir, revision=args.revision, repo_id=args.repo, log=lambda line: print(line, file=sys.stderr)
+        )
     except DownloadError as e:
         raise CommandError(str(e)) from None
     print(f"{args.model}: {args.repo or entry.repo_id}@{commit} is in {args.dir}")

@@ -20,13 +20,38 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 DEMO_VERSION = 1
 DEMO_CONFIG = {
-    "llm": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 128, "vocab_size": 152064, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
-            "max_position_embeddings": 32768},
-    "vit": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
-            "patch_size": 14, "image_size": 980, "layer_norm_eps": 1e-06},
-    "vae": {"resolution": 256, "in_channels": 3, "downsample": 8, "ch": 32, "out_ch": 3, "ch_mult": [1, 2, 2, 2],
-            "num_res_blocks": 1, "z_channels": 16, "scale_factor": 0.3611, "shift_factor": 0.1159},
+    "llm": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 152064,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-06,
+        "max_position_embeddings": 32768,
+    },
+    "vit": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 3,
+        "patch_size": 14,
+        "image_size": 980,
+        "layer_norm_eps": 1e-06,
+    },
+    "vae": {
+        "resolution": 256,
+        "in_channels": 3,
+        "downsample": 8,
+        "ch": 32,
+        "out_ch": 3,
+        "ch_mult": [1, 2, 2, 2],
+        "num_res_blocks": 1,
+        "z_channels": 16,
+        "scale_factor": 0.3611,
+        "shift_factor": 0.1159,
+    },
 }
 # The demo's serving defaults (written as serving_defaults.json): a prompt-only request answers in seconds on
 # a CPU; the thought knobs not named here (temperature) stay the recipe's of each mode (irg_core.defaults).
@@ -70,8 +95,14 @@ def write_checkpoint(dest: Path, config: dict, seed: int = 0) -> None:
     from irg_core.loader import build_dummy
 
     cfg = BagelConfig.from_dict(config)
-    llm = dict(config["llm"], architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
-               tie_word_embeddings=False, torch_dtype="bfloat16")
+    llm = dict(
+        config["llm"],
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
     vit = dict(config["vit"], model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh", num_channels=3)
     (dest / "llm_config.json").write_text(json.dumps(llm, indent=2), "utf-8")
     (dest / "vit_config.json").write_text(json.dumps(vit, indent=2), "utf-8")

@@ -44,16 +44,20 @@ class Plan:
 
 def known_models() -> dict[str, ModelEntry]:
     data = json.loads(resources.files("weights").joinpath("manifest.json").read_text("utf-8"))
-    return {name: ModelEntry(name, m["repo_id"], m["revision"], tuple(m["files"]))
-            for name, m in data["models"].items()}
+    return {
+        name: ModelEntry(name, m["repo_id"], m["revision"], tuple(m["files"])) for name, m in data["models"].items()
+    }
 
 
 def plan_download(files: tuple[str, ...], remote_sizes: dict[str, int | None], dest: Path) -> Plan:
     """What a download into `dest` has to do, given the repository's file sizes (None = unknown)."""
     missing_remote = tuple(f for f in files if f not in remote_sizes)
     wanted = tuple(f for f in files if f in remote_sizes)
-    present = tuple(f for f in wanted if remote_sizes[f] is not None and (dest / f).is_file()
-                    and (dest / f).stat().st_size == remote_sizes[f])
+    present = tuple(
+        f
+        for f in wanted
+        if remote_sizes[f] is not None and (dest / f).is_file() and (dest / f).stat().st_size == remote_sizes[f]
+    )
     total = sum(remote_sizes[f] or 0 for f in wanted)
     fetch = sum(remote_sizes[f] or 0 for f in wanted if f not in present)
     return Plan(wanted, present, missing_remote, total, fetch)
@@ -72,30 +76,47 @@ def check_space(dest: Path, need: int) -> None:
         raise DownloadError(f"{existing} has {human_bytes(free)} free, the download needs {human_bytes(need)}")
 
 
-def download(entry: ModelEntry, dest: Path, revision: str | None = None, repo_id: str | None = None,
-             log: Callable[[str], None] = print) -> str:
+def download(
+    entry: ModelEntry,
+    dest: Path,
+    revision: str | None = None,
+    repo_id: str | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
     """Download `entry`'s files into `dest`; returns the commit that was fetched."""
     from huggingface_hub import HfApi, snapshot_download
     from tqdm.auto import tqdm
 
     repo, rev = repo_id or entry.repo_id, revision or entry.revision
-    info = hub_call(lambda: HfApi().model_info(repo, revision=rev, files_metadata=True,
-                                               timeout=METADATA_TIMEOUT_S), repo, entry.files, dest)
+    info = hub_call(
+        lambda: HfApi().model_info(repo, revision=rev, files_metadata=True, timeout=METADATA_TIMEOUT_S),
+        repo,
+        entry.files,
+        dest,
+    )
     sizes = {s.rfilename: s.size for s in info.siblings or []}
     plan = plan_download(entry.files, sizes, dest)
     if plan.missing_remote:
         raise DownloadError(f"{repo}@{info.sha}: the repository has no {', '.join(plan.missing_remote)}")
     check_space(dest, plan.fetch_bytes - partial_bytes(dest))
-    log(f"{repo}@{info.sha}: {len(plan.files)} files, {human_bytes(plan.total_bytes)}; "
-        f"{len(plan.present)} already complete in {dest}, {human_bytes(plan.fetch_bytes)} to fetch")
+    log(
+        f"{repo}@{info.sha}: {len(plan.files)} files, {human_bytes(plan.total_bytes)}; "
+        f"{len(plan.present)} already complete in {dest}, {human_bytes(plan.fetch_bytes)} to fetch"
+    )
     dest.mkdir(parents=True, exist_ok=True)
-    hub_call(lambda: snapshot_download(repo, revision=info.sha, allow_patterns=list(plan.files),
-                                       local_dir=dest, tqdm_class=tqdm), repo, plan.files, dest, during_download=True)
+    hub_call(
+        lambda: snapshot_download(
+            repo, revision=info.sha, allow_patterns=list(plan.files), local_dir=dest, tqdm_class=tqdm
+        ),
+        repo,
+        plan.files,
+        dest,
+        during_download=True,
+    )
     return str(info.sha)
 
 
-def hub_call(call: Callable[[], T], repo: str, files: tuple[str, ...], dest: Path,
-             during_download: bool = False) -> T:
+def hub_call(call: Callable[[], T], repo: str, files: tuple[str, ...], dest: Path, during_download: bool = False) -> T:
     """Run a huggingface_hub call, turning its network and HTTP errors into one DownloadError line."""
     import httpx2  # huggingface_hub's HTTP client (a dependency of huggingface_hub 2.x)
     from huggingface_hub import constants, errors
@@ -106,14 +127,17 @@ def hub_call(call: Callable[[], T], repo: str, files: tuple[str, ...], dest: Pat
         return call()
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
         kind = "gated" if isinstance(e, errors.GatedRepoError) else "not found or not accessible"
-        raise DownloadError(f"{host}: repository {repo} is {kind} (a private or gated repository needs "
-                            f"HF_TOKEN)") from None
+        raise DownloadError(
+            f"{host}: repository {repo} is {kind} (a private or gated repository needs HF_TOKEN)"
+        ) from None
     except errors.RevisionNotFoundError as e:
         raise DownloadError(f"{host}: {repo} has no such revision ({first_line(e)})") from None
     except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, httpx2.TransportError) as e:
-        raise DownloadError(f"cannot reach {host} ({reason(e)}){resume}; download {', '.join(files)} "
-                            f"from {repo} elsewhere, copy them into {dest}, then run "
-                            f"irg weights verify {dest}") from None
+        raise DownloadError(
+            f"cannot reach {host} ({reason(e)}){resume}; download {', '.join(files)} "
+            f"from {repo} elsewhere, copy them into {dest}, then run "
+            f"irg weights verify {dest}"
+        ) from None
     except errors.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         raise DownloadError(f"{host} answered HTTP {status} ({first_line(e)}){resume}") from None

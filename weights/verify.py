@@ -23,10 +23,23 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 # Keys whose absence would silently give our defaults, which differ from the HF classes' defaults the
 # official code would use (Qwen2Config / SiglipVisionConfig).
 REQUIRED_KEYS = {
-    LLM_FILE: ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size", "vocab_size", "rope_theta"),
-    VIT_FILE: ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "patch_size",
-               "image_size"),
+    LLM_FILE: (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "rope_theta",
+    ),
+    VIT_FILE: (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "patch_size",
+        "image_size",
+    ),
 }
 SHAPE_FREE_KEYS = {"rope_theta"}  # missing, it is a problem, but the tensor shapes can still be checked
 
@@ -69,8 +82,11 @@ def verify(model_dir: str | Path) -> Report:
 
 def _check_configs(report: Report) -> BagelConfig | None:
     parts: dict[str, Any] = {"vae": VAEConfig()}  # the FLUX values BAGEL hard-codes, unless ae_config.json
-    for key, cls, name in (("llm", LLMConfig, LLM_FILE), ("vit", ViTConfig, VIT_FILE),
-                           ("vae", VAEConfig, AE_CONFIG_FILE)):
+    for key, cls, name in (
+        ("llm", LLMConfig, LLM_FILE),
+        ("vit", ViTConfig, VIT_FILE),
+        ("vae", VAEConfig, AE_CONFIG_FILE),
+    ):
         path = report.model_dir / name
         if key == "vae" and not path.exists():
             continue
@@ -103,18 +119,26 @@ def _check_tokenizer(report: Report) -> None:
         return
     report.tokens = len(tok)
     s = tok.special
-    report.special_ids = {"bos": s.bos, "eos": s.eos, "start_of_image": s.start_of_image,
-                          "end_of_image": s.end_of_image}
+    report.special_ids = {
+        "bos": s.bos,
+        "eos": s.eos,
+        "start_of_image": s.start_of_image,
+        "end_of_image": s.end_of_image,
+    }
     for role, want in expected_special_ids().items():
         if report.special_ids[role] != want:
-            report.notes.append(f"tokenizer.json: {role} token has id {report.special_ids[role]}, not {want} as "
-                                f"in the Qwen2.5 tokenizer BAGEL ships (are these the checkpoint's own files?)")
+            report.notes.append(
+                f"tokenizer.json: {role} token has id {report.special_ids[role]}, not {want} as "
+                f"in the Qwen2.5 tokenizer BAGEL ships (are these the checkpoint's own files?)"
+            )
     if report.config is None:
         return
     vocab = report.config.llm.vocab_size
     if len(tok) > vocab:
-        report.problems.append(f"tokenizer.json: {len(tok)} tokens, but {LLM_FILE} vocab_size is {vocab} "
-                               f"(every token needs an embedding row)")
+        report.problems.append(
+            f"tokenizer.json: {len(tok)} tokens, but {LLM_FILE} vocab_size is {vocab} "
+            f"(every token needs an embedding row)"
+        )
 
 
 def _check_weights(report: Report) -> None:
@@ -138,8 +162,9 @@ def _check_weights(report: Report) -> None:
             report.problems.extend(ck.tensor_problems(name, header, expected))
         report.problems.extend(ck.dtype_problems(name, header))
         dtypes = dict(Counter(info.dtype for info in header.values()))
-        report.files.append(WeightFile(name, path.stat().st_size, len(header),
-                                       sum(math.prod(i.shape) for i in header.values()), dtypes))
+        report.files.append(
+            WeightFile(name, path.stat().st_size, len(header), sum(math.prod(i.shape) for i in header.values()), dtypes)
+        )
 
 
 def format_report(report: Report, per_file: int | None = 20) -> str:
@@ -147,21 +172,25 @@ def format_report(report: Report, per_file: int | None = 20) -> str:
     lines = [f"model directory {report.model_dir}"]
     cfg = report.config
     if cfg is not None:
-        lines.append(f"  {LLM_FILE}: hidden {cfg.llm.hidden_size}, {cfg.llm.num_hidden_layers} layers, "
-                     f"{cfg.llm.num_attention_heads}/{cfg.llm.num_key_value_heads} heads, vocab {cfg.llm.vocab_size}, "
-                     f"rope_theta {cfg.llm.rope_theta:.10g}, rms_norm_eps {cfg.llm.rms_norm_eps:g}")
-        lines.append(f"  {VIT_FILE}: hidden {cfg.vit.hidden_size}, {cfg.vit.num_hidden_layers} layers on disk "
-                     f"({cfg.vit.layers} used), patch {cfg.vit.patch_size}, image {cfg.vit.image_size}")
+        lines.append(
+            f"  {LLM_FILE}: hidden {cfg.llm.hidden_size}, {cfg.llm.num_hidden_layers} layers, "
+            f"{cfg.llm.num_attention_heads}/{cfg.llm.num_key_value_heads} heads, vocab {cfg.llm.vocab_size}, "
+            f"rope_theta {cfg.llm.rope_theta:.10g}, rms_norm_eps {cfg.llm.rms_norm_eps:g}"
+        )
+        lines.append(
+            f"  {VIT_FILE}: hidden {cfg.vit.hidden_size}, {cfg.vit.num_hidden_layers} layers on disk "
+            f"({cfg.vit.layers} used), patch {cfg.vit.patch_size}, image {cfg.vit.image_size}"
+        )
         source = AE_CONFIG_FILE if (report.model_dir / AE_CONFIG_FILE).exists() else "FLUX values built in"
-        lines.append(f"  vae ({source}): ch {cfg.vae.ch}, ch_mult {list(cfg.vae.ch_mult)}, "
-                     f"z_channels {cfg.vae.z_channels}")
+        lines.append(
+            f"  vae ({source}): ch {cfg.vae.ch}, ch_mult {list(cfg.vae.ch_mult)}, z_channels {cfg.vae.z_channels}"
+        )
     if report.tokens is not None:
         ids = "/".join(str(v) for v in report.special_ids.values())
         lines.append(f"  tokenizer: {report.tokens} tokens, special ids {ids} (bos/eos/start/end of image)")
     for f in report.files:
         dtypes = ", ".join(f"{d} x{n}" if len(f.dtypes) > 1 else d for d, n in f.dtypes.items())
-        lines.append(f"  {f.name}: {f.tensors} tensors, {_count(f.params)} parameters, {dtypes}, "
-                     f"{human_bytes(f.size)}")
+        lines.append(f"  {f.name}: {f.tensors} tensors, {_count(f.params)} parameters, {dtypes}, {human_bytes(f.size)}")
     lines += [f"  note: {n}" for n in report.notes]
     if report.ok:
         lines.append("ok: no problems found")
@@ -184,4 +213,3 @@ def _count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return str(n)
-

@@ -194,8 +194,17 @@ class Attention(nn.Module):
         self.qkv_bias: Tensor | None = None
         self.qk_norm_weight: Tensor | None = None
 
-    def forward(self, x: Tensor, rows: RowGroups, gen_mode: bool, rope: tuple[Tensor, Tensor],
-                kv: tuple[Tensor, Tensor], slots: Tensor, meta: AttnMeta, backend: SdpaBackend) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rows: RowGroups,
+        gen_mode: bool,
+        rope: tuple[Tensor, Tensor],
+        kv: tuple[Tensor, Tensor],
+        slots: Tensor,
+        meta: AttnMeta,
+        backend: SdpaBackend,
+    ) -> Tensor:
         t = x.shape[0]
         if gen_mode:
             x = bf16_round(x)
@@ -217,16 +226,24 @@ class Attention(nn.Module):
         out = bf16_round(out).to(x.dtype).reshape(t, self.heads * self.head_dim)
         return bf16_round(group_linear(out, rows, self.o_proj, self.o_proj_moe_gen))
 
-    def decode(self, x: Tensor, cos: Tensor, sin_signed: Tensor, flat_k: Tensor, flat_v: Tensor,
-               buf: DecodeBuffers, backend: SdpaBackend) -> Tensor:
+    def decode(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin_signed: Tensor,
+        flat_k: Tensor,
+        flat_v: Tensor,
+        buf: DecodeBuffers,
+        backend: SdpaBackend,
+    ) -> Tensor:
         """The understanding expert over B decode rows (one token each); the same numerics as `forward`."""
         assert self.qkv_weight is not None and self.qk_norm_weight is not None
         b, h, hkv = x.shape[0], self.heads, self.kv_heads
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, h + 2 * hkv, self.head_dim)
-        qk = rms_norm(qkv[:, :h + hkv], None, self.eps) * self.qk_norm_weight
+        qk = rms_norm(qkv[:, : h + hkv], None, self.eps) * self.qk_norm_weight
         qk = apply_rope(qk, cos, sin_signed)
         flat_k.index_copy_(0, buf.slots, cast(bf16_round(qk[:, h:]), flat_k.dtype))
-        flat_v.index_copy_(0, buf.slots, cast(bf16_round(qkv[:, h + hkv:]), flat_v.dtype))
+        flat_v.index_copy_(0, buf.slots, cast(bf16_round(qkv[:, h + hkv :]), flat_v.dtype))
         out = backend.decode(cast(bf16_round(qk[:, :h]), flat_k.dtype), flat_k, flat_v, buf)
         out = cast(bf16_round(out), x.dtype).reshape(b, h * self.head_dim)
         return bf16_round(F.linear(out, self.o_proj.weight))
@@ -243,8 +260,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, rows: RowGroups, gen_mode: bool, rope: tuple[Tensor, Tensor],
-                kv: tuple[Tensor, Tensor], slots: Tensor, meta: AttnMeta, backend: SdpaBackend) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rows: RowGroups,
+        gen_mode: bool,
+        rope: tuple[Tensor, Tensor],
+        kv: tuple[Tensor, Tensor],
+        slots: Tensor,
+        meta: AttnMeta,
+        backend: SdpaBackend,
+    ) -> Tensor:
         a = group_apply(x, rows, self.input_layernorm, self.input_layernorm_moe_gen)
         h = x + self.self_attn(a, rows, gen_mode, rope, kv, slots, meta, backend)
         m = group_apply(h, rows, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
@@ -254,8 +280,16 @@ class DecoderLayer(nn.Module):
             m = group_apply(m, rows, self.mlp, self.mlp_moe_gen)
         return h + m
 
-    def decode(self, x: Tensor, cos: Tensor, sin_signed: Tensor, flat_k: Tensor, flat_v: Tensor,
-               buf: DecodeBuffers, backend: SdpaBackend) -> Tensor:
+    def decode(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin_signed: Tensor,
+        flat_k: Tensor,
+        flat_v: Tensor,
+        buf: DecodeBuffers,
+        backend: SdpaBackend,
+    ) -> Tensor:
         a = self.input_layernorm(x)
         h = x + self.self_attn.decode(a, cos, sin_signed, flat_k, flat_v, buf, backend)
         return h + self.mlp.forward_fused(self.post_attention_layernorm(h))
@@ -279,9 +313,18 @@ class LanguageModel(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], rows: RowGroups, gen_mode: bool,
-                kv: list[tuple[Tensor, Tensor]], slots: Tensor, meta: AttnMeta, backend: SdpaBackend,
-                final_norm: bool = True) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        rows: RowGroups,
+        gen_mode: bool,
+        kv: list[tuple[Tensor, Tensor]],
+        slots: Tensor,
+        meta: AttnMeta,
+        backend: SdpaBackend,
+        final_norm: bool = True,
+    ) -> Tensor:
         """x [T, hidden] -> hidden states [T, hidden] (final-normed unless `final_norm` is False); writes
         K/V of every row at `slots`. `rope` is (cos, sin) [T, 1, head_dim] for the rows' positions."""
         for layer, layer_kv in zip(self.model.layers, kv):
@@ -291,8 +334,9 @@ class LanguageModel(nn.Module):
     def final_norm(self, x: Tensor, rows: RowGroups) -> Tensor:
         return group_apply(x, rows, self.model.norm, self.model.norm_moe_gen)
 
-    def decode_step(self, buf: DecodeBuffers, rope: RopeTable, flat_kv: list[tuple[Tensor, Tensor]],
-                    backend: SdpaBackend) -> Tensor:
+    def decode_step(
+        self, buf: DecodeBuffers, rope: RopeTable, flat_kv: list[tuple[Tensor, Tensor]], backend: SdpaBackend
+    ) -> Tensor:
         """Logits [B, vocab] for the decode rows in `buf` (writes each row's K/V at its slot).
 
         A pure function of the buffers and the weights: nothing in it depends on a Python value that changes
@@ -315,8 +359,9 @@ def fuse_projections(lm: LanguageModel) -> None:
                 projs = (attn.q_proj, attn.k_proj, attn.v_proj)
                 attn.qkv_weight = _fuse([p.weight for p in projs], projs, "weight")
                 attn.qkv_bias = _fuse([p.bias for p in projs], projs, "bias")
-                attn.qk_norm_weight = torch.cat([attn.q_norm.weight.expand(attn.heads, -1),
-                                                 attn.k_norm.weight.expand(attn.kv_heads, -1)])
+                attn.qk_norm_weight = torch.cat(
+                    [attn.q_norm.weight.expand(attn.heads, -1), attn.k_norm.weight.expand(attn.kv_heads, -1)]
+                )
             if mlp.gate_up is None:
                 projs = (mlp.gate_proj, mlp.up_proj)
                 mlp.gate_up = _fuse([p.weight for p in projs], projs, "weight")
@@ -327,6 +372,6 @@ def _fuse(parts: list[Tensor], owners: tuple[nn.Linear, ...], name: str) -> Tens
     offset = 0
     for part, owner in zip(parts, owners):
         n = part.shape[0]
-        setattr(owner, name, nn.Parameter(fused[offset:offset + n], requires_grad=False))
+        setattr(owner, name, nn.Parameter(fused[offset : offset + n], requires_grad=False))
         offset += n
     return fused

@@ -125,8 +125,10 @@ class Encoder(nn.Module):
             out.extend(partial(block, mixed=mixed) for block in level.block)
             if hasattr(level, "downsample"):
                 out.append(level.downsample)
-        return out + [partial(self.mid, mixed=mixed),
-                      lambda h: _conv(self.conv_out, swish(_norm_out(self.norm_out, h, mixed)))]
+        return out + [
+            partial(self.mid, mixed=mixed),
+            lambda h: _conv(self.conv_out, swish(_norm_out(self.norm_out, h, mixed))),
+        ]
 
     def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
         for stage in self.stages(mixed):

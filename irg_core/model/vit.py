@@ -24,8 +24,10 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        q, k, v = (bf16_round(p(x)).view(n, self.heads, self.head_dim).transpose(0, 1)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # [H, N, D]
+        q, k, v = (
+            bf16_round(p(x)).view(n, self.heads, self.head_dim).transpose(0, 1)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )  # [H, N, D]
         o = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
         o = bf16_round(o).transpose(0, 1).reshape(n, -1)
         return bf16_round(self.out_proj(o))

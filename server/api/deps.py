@@ -48,8 +48,9 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def get_owner(settings: SettingsDep,
-              credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> str:
+async def get_owner(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None
+) -> str:
     """Who calls: a digest of their API key ("" when the server has no keys); 401 without a valid key."""
     if not settings.api_keys:
         return ""

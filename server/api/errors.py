@@ -22,9 +22,18 @@ from server.schemas import ALLOWED
 
 log = logging.getLogger(__name__)
 OPENAI_PREFIX = ("/v1/images/", "/v1/chat/")
-STATUS_CODES = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                406: "not_acceptable", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
-                429: "queue_full", 503: "unavailable"}
+STATUS_CODES = {
+    400: "invalid_body",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "queue_full",
+    503: "unavailable",
+}
 # Documented on every route that takes a body.
 BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "the body is not UTF-8 text, or JSON nested too deeply to parse"},
@@ -34,8 +43,9 @@ BODY_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: Mapping[str, str] | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
         self.headers = dict(headers or {})
@@ -48,8 +58,9 @@ def error_body(path: str, status: int, code: str, message: str, field: str | Non
     return {"error": {"code": code, "message": message, "field": field}}
 
 
-def error_response(path: str, status: int, code: str, message: str, field: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_response(
+    path: str, status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(path, status, code, message, field), status_code=status, headers=headers)
 
 
@@ -115,16 +126,23 @@ def install(app: FastAPI) -> None:
             message = unreadable_body(exc.__cause__)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # Starlette lists the first route's methods only; a path can have several
-            headers["Allow"] = ", ".join(sorted({m for route in request.app.router.routes for m in getattr(
-                route, "methods", None) or () if route.matches(request.scope)[0] == Match.PARTIAL}))
+            headers["Allow"] = ", ".join(
+                sorted(
+                    {
+                        m
+                        for route in request.app.router.routes
+                        for m in getattr(route, "methods", None) or ()
+                        if route.matches(request.scope)[0] == Match.PARTIAL
+                    }
+                )
+            )
         return error_response(request.url.path, exc.status_code, code, message, None, headers)
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, exc: QueueFull) -> JSONResponse:
         metrics.REJECTED.labels("queue_full").inc()
         retry = str(request.app.state.settings.retry_after_s)
-        return error_response(request.url.path, 429, "queue_full", f"{exc}; retry later", None,
-                              {"Retry-After": retry})
+        return error_response(request.url.path, 429, "queue_full", f"{exc}; retry later", None, {"Retry-After": retry})
 
     @app.exception_handler(QueueUnavailable)
     async def _down(request: Request, exc: QueueUnavailable) -> JSONResponse:
@@ -132,8 +150,14 @@ def install(app: FastAPI) -> None:
         if request.method == "POST":
             metrics.REJECTED.labels("unavailable").inc()
         # the cause (Redis's host and port) is in the log above, not in the answer to a possibly anonymous caller
-        return error_response(request.url.path, 503, "unavailable", "the job queue is unavailable; retry later", None,
-                              {"Retry-After": str(request.app.state.settings.retry_after_s)})
+        return error_response(
+            request.url.path,
+            503,
+            "unavailable",
+            "the job queue is unavailable; retry later",
+            None,
+            {"Retry-After": str(request.app.state.settings.retry_after_s)},
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -14,8 +14,9 @@ class BodyLimit:
 
     setting = "IRG_MAX_BODY_BYTES"
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None,
-                 upload_paths: tuple[str, ...] = ()):
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None, upload_paths: tuple[str, ...] = ()
+    ):
         self.app, self.max_bytes = app, max_bytes
         self.upload_bytes, self.upload_paths = upload_bytes or max_bytes, upload_paths
 
@@ -58,7 +59,15 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, send: Send) -> None:
         message = f"the request body is larger than {self.max_bytes} bytes ({self.setting})"
         payload = json.dumps(error_body(scope["path"], 413, "body_too_large", message)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                (b"content-length", str(len(payload)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"connection", b"close"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})

@@ -66,8 +66,12 @@ class App(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
-               services: Sequence[Service] = (), defaults: ServingDefaults | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    queue: JobQueue | None = None,
+    services: Sequence[Service] = (),
+    defaults: ServingDefaults | None = None,
+) -> FastAPI:
     """`defaults`: the serving defaults of the model the workers run (default: read from settings.model_dir;
     without one, the demo's in-process and the recipe's in front of Redis, see server.defaults)."""
     settings = settings or get_settings()
@@ -88,17 +92,25 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None,
                 service.stop()
             await queue.close()
 
-    app = App(title="IRG Server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, description="Interleaving Reasoning Generation on BAGEL: prompt -> thinking -> "
-                  "draft image -> reflection -> final image, with every stage streamed (see API.md).")
+    app = App(
+        title="IRG Server",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        description="Interleaving Reasoning Generation on BAGEL: prompt -> thinking -> "
+        "draft image -> reflection -> final image, with every stage streamed (see API.md).",
+    )
     app.state.settings = settings
     app.state.queue = queue
     app.state.metrics = metrics.Exposition("api", *(("worker",) if services else ()))
     app.state.serving_defaults = defaults
     errors.install(app)
     app.add_middleware(MultipartGenerations)  # inside the body limit: a multipart upload becomes the JSON request
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes,
-                       upload_paths=UPLOAD_PATHS)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes, upload_paths=UPLOAD_PATHS
+    )
     # web last: `/{name}` must not shadow the API
     routers = (generations, defaults_route, openai_images, openai_edits, chat, health, docs, web)
     # outermost: it counts the body limit's 413s too, under the route they were sent to

@@ -41,9 +41,16 @@ REATTACH_POLL_S = 0.5
 
 def sse_content(names: list[str], description: str) -> dict[str, Any]:
     """OpenAPI content of an SSE response: each event as {event, id, data (JSON text), retry}."""
-    event = {"type": "object", "required": ["data"], "properties": {
-        "event": {"type": "string", "enum": names}, "id": {"type": "string"},
-        "data": {"type": "string", "description": "JSON"}, "retry": {"type": "integer"}}}
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string", "enum": names},
+            "id": {"type": "string"},
+            "data": {"type": "string", "description": "JSON"},
+            "retry": {"type": "integer"},
+        },
+    }
     return {"text/event-stream": {"schema": event, "description": description}}
 
 
@@ -56,7 +63,7 @@ def frame(event: StoredEvent, retry: int | None = None) -> Iterator[bytes]:
     head = f"id: {event.id}{SEP}event: {event.type}{SEP}" + (f"retry: {retry}{SEP}" if retry is not None else "")
     yield (head + "data: ").encode()
     for i in range(0, len(data), WRITE_BYTES):
-        yield data[i:i + WRITE_BYTES].encode()
+        yield data[i : i + WRITE_BYTES].encode()
     yield (SEP + SEP).encode()
 
 
@@ -117,8 +124,11 @@ class BoundedEventSourceResponse(EventSourceResponse):
             await super().__call__(scope, receive, send)
         except SendTimeoutError:  # the connection is dropped; what the client missed it can resume
             metrics.STREAMS_DROPPED.inc()
-            log.warning("dropped an event stream whose client took no data for %g s (%s)", self.send_timeout,
-                        scope.get("path", ""))
+            log.warning(
+                "dropped an event stream whose client took no data for %g s (%s)",
+                self.send_timeout,
+                scope.get("path", ""),
+            )
             abort = scope.get(ABORT)
             if abort is not None:
                 abort()
@@ -129,8 +139,9 @@ class BoundedEventSourceResponse(EventSourceResponse):
     async def _stream_response(self, send: Send) -> None:
         # sse-starlette's own, except that the last send (`more_body: False`) has the timeout too: a client
         # that stopped reading would otherwise hold the connection and its buffered bytes for ever.
-        await self._send_with_timeout(send, {"type": "http.response.start", "status": self.status_code,
-                                             "headers": self.raw_headers})
+        await self._send_with_timeout(
+            send, {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
         async for data in self.body_iterator:
             try:
                 chunk = ensure_bytes(data, self.sep)

@@ -73,6 +73,11 @@ async def _to_json(request: Request) -> bytes:
 
 async def _refuse(scope: Scope, send: Send, message: str) -> None:
     payload = json.dumps(error_body(scope["path"], 422, "invalid_request", message)).encode()
-    await send({"type": "http.response.start", "status": 422,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 422,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -29,13 +29,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="A red fox in fresh snow at dawn, photographed with a telephoto lens.")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up run")
     p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--concurrency", type=int, default=1,
-                   help="also run N trajectories one at a time and N at once, and compare throughput")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="also run N trajectories one at a time and N at once, and compare throughput",
+    )
     p.add_argument("--count-ops", action="store_true", help="count aten ops per decode token and denoising step")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
-    p.add_argument("--previews", type=int, default=0, metavar="N",
-                   help="also time the trajectory with N previews per image (encoded as the server sends them) "
-                        "against none, interleaved in this run, and print the cost")
+    p.add_argument(
+        "--previews",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the trajectory with N previews per image (encoded as the server sends them) "
+        "against none, interleaved in this run, and print the cost",
+    )
     p.add_argument("--preview-decoder", choices=("fast", "vae"), default="fast")
     p.set_defaults(func=run)
 
@@ -56,13 +65,17 @@ class StageLog:
         data = event.data
         quarter = max(1, data.get("steps", 0) // 4)
         if event.type == "image.progress" and data["step"] < data["steps"] and data["step"] % quarter == 0:
-            say(f"{self.label}: image {data['round']} step {data['step']}/{data['steps']} at "
-                f"{time.perf_counter() - self.start:.2f} s")
+            say(
+                f"{self.label}: image {data['round']} step {data['step']}/{data['steps']} at "
+                f"{time.perf_counter() - self.start:.2f} s"
+            )
         if event.type.endswith(".done"):
             stage = event.type.removesuffix(".done")
             what = f"{data['tokens']} tokens" if "tokens" in data else data.get("kind", "")
-            say(f"{self.label}: {stage} {data.get('round', '')} done ({what}) at "
-                f"{time.perf_counter() - self.start:.2f} s")
+            say(
+                f"{self.label}: {stage} {data.get('round', '')} done ({what}) at "
+                f"{time.perf_counter() - self.start:.2f} s"
+            )
 
 
 def _rows(result: Any) -> list[dict[str, Any]]:
@@ -73,8 +86,16 @@ def _rows(result: Any) -> list[dict[str, Any]]:
             rate = f"{s.tokens / s.seconds:.1f} tok/s, {1000 * s.seconds / s.tokens:.2f} ms/tok"
         elif s.steps:
             rate = f"{s.steps / s.seconds:.2f} steps/s, {s.seconds / s.steps:.3f} s/step"
-        rows.append({"stage": s.stage, "round": s.round, "seconds": s.seconds, "tokens": s.tokens,
-                     "steps": s.steps, "rate": rate})
+        rows.append(
+            {
+                "stage": s.stage,
+                "round": s.round,
+                "seconds": s.seconds,
+                "tokens": s.tokens,
+                "steps": s.steps,
+                "rate": rate,
+            }
+        )
     return rows
 
 
@@ -119,8 +140,9 @@ def run_batch(engine: Any, params: Any, n: int, at_once: bool) -> dict[str, Any]
     engine.run_decode = timed_decode
     try:
         start = time.perf_counter()
-        jobs = [s.submit(*prepare(engine, replace(params, seed=params.seed + i), fixed_thoughts=True))
-                for i in range(n)]
+        jobs = [
+            s.submit(*prepare(engine, replace(params, seed=params.seed + i), fixed_thoughts=True)) for i in range(n)
+        ]
         s.run(jobs)
         wall = time.perf_counter() - start
     finally:
@@ -132,13 +154,20 @@ def run_batch(engine: Any, params: Any, n: int, at_once: bool) -> dict[str, Any]
     tokens = sum(r.tokens for j in jobs for r in j.result.stages)
     decode = forwards.rows.get("decode", [])
     denoise = forwards.rows.get("denoise", [])
-    return {"jobs": n, "at_once": at_once, "wall_seconds": wall, "trajectories_per_minute": 60 * n / wall,
-            "decode_tokens": tokens, "decode_seconds": decode_seconds,
-            "decode_tokens_per_second": tokens / decode_seconds if decode_seconds else 0.0,
-            "latency_p50": statistics.median(latencies), "latency_p95": latencies[min(n - 1, round(0.95 * (n - 1)))],
-            "mean_decode_batch": sum(decode) / len(decode) if decode else 0.0,
-            "mean_denoise_rows": sum(denoise) / len(denoise) if denoise else 0.0,
-            "forwards": {k: len(v) for k, v in forwards.rows.items()}}
+    return {
+        "jobs": n,
+        "at_once": at_once,
+        "wall_seconds": wall,
+        "trajectories_per_minute": 60 * n / wall,
+        "decode_tokens": tokens,
+        "decode_seconds": decode_seconds,
+        "decode_tokens_per_second": tokens / decode_seconds if decode_seconds else 0.0,
+        "latency_p50": statistics.median(latencies),
+        "latency_p95": latencies[min(n - 1, round(0.95 * (n - 1)))],
+        "mean_decode_batch": sum(decode) / len(decode) if decode else 0.0,
+        "mean_denoise_rows": sum(denoise) / len(denoise) if denoise else 0.0,
+        "forwards": {k: len(v) for k, v in forwards.rows.items()},
+    }
 
 
 def count_ops(engine: Any, params: Any) -> dict[str, int]:
@@ -205,20 +234,30 @@ def run(args: argparse.Namespace) -> int:
     best = min(results, key=lambda r: r.total_seconds)
     rows = _rows(best)
     cfg = engine.cfg
-    print(f"irg bench: mode {params.mode}, {params.width}x{params.height}, {params.steps} timesteps "
-          f"({params.steps - 1} evaluations), {params.max_think_tokens}-token thoughts, "
-          f"best of {len(results)}")
-    print(f"model: hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers} layers, device {engine.device}, "
-          f"dtype {str(engine.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, attention {engine.backend.name}")
+    print(
+        f"irg bench: mode {params.mode}, {params.width}x{params.height}, {params.steps} timesteps "
+        f"({params.steps - 1} evaluations), {params.max_think_tokens}-token thoughts, "
+        f"best of {len(results)}"
+    )
+    print(
+        f"model: hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers} layers, device {engine.device}, "
+        f"dtype {str(engine.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, attention {engine.backend.name}"
+    )
     print(format_table(rows, best.total_seconds, best.peak_memory_bytes))
     tokens = sum(r["tokens"] for r in rows)
     decode_s = sum(r["seconds"] for r in rows if r["tokens"])
     record: dict[str, Any] = {
-        "params": params.to_dict(), "device": str(engine.device), "machine": platform.machine(),
-        "torch": torch.__version__, "stages": rows, "total_seconds": best.total_seconds,
-        "all_totals": [r.total_seconds for r in results], "peak_memory_bytes": best.peak_memory_bytes,
-        "config": cfg.to_dict(), "attention": engine.backend.name,
+        "params": params.to_dict(),
+        "device": str(engine.device),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "stages": rows,
+        "total_seconds": best.total_seconds,
+        "all_totals": [r.total_seconds for r in results],
+        "peak_memory_bytes": best.peak_memory_bytes,
+        "config": cfg.to_dict(),
+        "attention": engine.backend.name,
         "trajectories_per_minute": 60.0 / best.total_seconds,
         "decode_tokens_per_second": tokens / decode_s if decode_s else 0.0,
     }
@@ -229,23 +268,32 @@ def run(args: argparse.Namespace) -> int:
         say(f"{n} trajectories at once")
         batched = run_batch(engine, params, n, at_once=True)
         print(format_concurrency(serial, batched))
-        record.update(concurrency=n, serial=serial, batched=batched,
-                      trajectories_per_minute=batched["trajectories_per_minute"],
-                      decode_tokens_per_second=batched["decode_tokens_per_second"],
-                      speedup_trajectories=batched["trajectories_per_minute"] / serial["trajectories_per_minute"],
-                      speedup_decode=batched["decode_tokens_per_second"] / serial["decode_tokens_per_second"])
+        record.update(
+            concurrency=n,
+            serial=serial,
+            batched=batched,
+            trajectories_per_minute=batched["trajectories_per_minute"],
+            decode_tokens_per_second=batched["decode_tokens_per_second"],
+            speedup_trajectories=batched["trajectories_per_minute"] / serial["trajectories_per_minute"],
+            speedup_decode=batched["decode_tokens_per_second"] / serial["decode_tokens_per_second"],
+        )
     if args.count_ops:
         ops = count_ops(engine, params)
-        print(f"aten ops: {ops['ops_per_decode_token']} per decode token (batch 1, "
-              f"{cfg.llm.num_hidden_layers} layers), {ops['ops_per_denoise_step']} per denoising step (3 branches)")
+        print(
+            f"aten ops: {ops['ops_per_decode_token']} per decode token (batch 1, "
+            f"{cfg.llm.num_hidden_layers} layers), {ops['ops_per_denoise_step']} per denoising step (3 branches)"
+        )
         record.update(ops)
     if args.previews > 0:
-        record["preview_cost"] = measure_previews(engine, params, args.previews, args.preview_decoder,
-                                                  max(1, args.repeats))
+        record["preview_cost"] = measure_previews(
+            engine, params, args.previews, args.preview_decoder, max(1, args.repeats)
+        )
         print(format_preview_cost(record["preview_cost"]))
     if params.cache is not None:  # the same trajectory exact, measured in the same run
-        exact = [run_trajectory(engine, replace(params, cache=None), fixed_thoughts=True)
-                 for _ in range(max(1, args.repeats))]
+        exact = [
+            run_trajectory(engine, replace(params, cache=None), fixed_thoughts=True)
+            for _ in range(max(1, args.repeats))
+        ]
         record["cache_comparison"] = cache_comparison(best, min(exact, key=lambda r: r.total_seconds))
         print(format_cache_comparison(record["cache_comparison"], params.cache.method))
     if args.json:
@@ -255,15 +303,20 @@ def run(args: argparse.Namespace) -> int:
 
 def format_concurrency(serial: dict[str, Any], batched: dict[str, Any]) -> str:
     n = batched["jobs"]
-    lines = [f"\n{n} trajectories: one at a time vs at once", "-" * 64,
-             f"{'':<28} {'one at a time':>15} {'at once':>12} {'ratio':>7}"]
-    for key, label, fmt in (("trajectories_per_minute", "trajectories / minute", ".2f"),
-                            ("decode_tokens_per_second", "decode tokens / s", ".1f"),
-                            ("wall_seconds", "wall seconds", ".2f"),
-                            ("latency_p50", "job latency p50 (s)", ".2f"),
-                            ("latency_p95", "job latency p95 (s)", ".2f"),
-                            ("mean_decode_batch", "rows per decode forward", ".2f"),
-                            ("mean_denoise_rows", "rows per denoise forward", ".0f")):
+    lines = [
+        f"\n{n} trajectories: one at a time vs at once",
+        "-" * 64,
+        f"{'':<28} {'one at a time':>15} {'at once':>12} {'ratio':>7}",
+    ]
+    for key, label, fmt in (
+        ("trajectories_per_minute", "trajectories / minute", ".2f"),
+        ("decode_tokens_per_second", "decode tokens / s", ".1f"),
+        ("wall_seconds", "wall seconds", ".2f"),
+        ("latency_p50", "job latency p50 (s)", ".2f"),
+        ("latency_p95", "job latency p95 (s)", ".2f"),
+        ("mean_decode_batch", "rows per decode forward", ".2f"),
+        ("mean_denoise_rows", "rows per denoise forward", ".0f"),
+    ):
         a, b = serial[key], batched[key]
         ratio = f"{b / a:.2f}x" if a else ""
         lines.append(f"{label:<28} {a:>15{fmt}} {b:>12{fmt}} {ratio:>7}")
@@ -272,27 +325,35 @@ def format_concurrency(serial: dict[str, Any], batched: dict[str, Any]) -> str:
 
 def _image_totals(result: Any) -> dict[str, float]:
     images = [s for s in result.stages if s.stage == "image"]
-    return {"seconds": sum(s.seconds for s in images), "steps": sum(s.steps for s in images),
-            "model_evaluations": sum(s.model_evaluations for s in images),
-            "branch_evaluations": sum(s.branch_evaluations for s in images)}
+    return {
+        "seconds": sum(s.seconds for s in images),
+        "steps": sum(s.steps for s in images),
+        "model_evaluations": sum(s.model_evaluations for s in images),
+        "branch_evaluations": sum(s.branch_evaluations for s in images),
+    }
 
 
 def cache_comparison(cached: Any, exact: Any) -> dict[str, Any]:
     """The cached run beside the exact one: denoising and total time, model evaluations, speed-ups."""
     c, e = _image_totals(cached), _image_totals(exact)
-    return {"cached": dict(c, total_seconds=cached.total_seconds), "exact": dict(e, total_seconds=exact.total_seconds),
-            "denoising_speedup": e["seconds"] / c["seconds"] if c["seconds"] else None,
-            "total_speedup": exact.total_seconds / cached.total_seconds if cached.total_seconds else None}
+    return {
+        "cached": dict(c, total_seconds=cached.total_seconds),
+        "exact": dict(e, total_seconds=exact.total_seconds),
+        "denoising_speedup": e["seconds"] / c["seconds"] if c["seconds"] else None,
+        "total_speedup": exact.total_seconds / cached.total_seconds if cached.total_seconds else None,
+    }
 
 
 def format_cache_comparison(cmp: dict[str, Any], method: str) -> str:
     c, e = cmp["cached"], cmp["exact"]
-    lines = [f"step cache {method} vs exact (same trajectory, this run):",
-             f"  denoising  {c['seconds']:9.3f} s vs {e['seconds']:9.3f} s  -> {cmp['denoising_speedup']:.2f}x",
-             f"  total      {c['total_seconds']:9.3f} s vs {e['total_seconds']:9.3f} s  -> {cmp['total_speedup']:.2f}x",
-             f"  model evaluations {c['model_evaluations']} of {e['model_evaluations']} steps "
-             f"({100 * c['model_evaluations'] / max(1, e['model_evaluations']):.0f} %), "
-             f"branch passes {c['branch_evaluations']} of {e['branch_evaluations']}"]
+    lines = [
+        f"step cache {method} vs exact (same trajectory, this run):",
+        f"  denoising  {c['seconds']:9.3f} s vs {e['seconds']:9.3f} s  -> {cmp['denoising_speedup']:.2f}x",
+        f"  total      {c['total_seconds']:9.3f} s vs {e['total_seconds']:9.3f} s  -> {cmp['total_speedup']:.2f}x",
+        f"  model evaluations {c['model_evaluations']} of {e['model_evaluations']} steps "
+        f"({100 * c['model_evaluations'] / max(1, e['model_evaluations']):.0f} %), "
+        f"branch passes {c['branch_evaluations']} of {e['branch_evaluations']}",
+    ]
     return "\n".join(lines)
 
 
@@ -332,19 +393,31 @@ def measure_previews(engine: Any, params: Any, count: int, decoder: str, repeats
         engine.preview(x0, params.width, params.height, decoder)
     draw_s = (time.perf_counter() - start) / 10
     direct = sent[0] * draw_s + spent[0]
-    return {"previews_per_image": count, "decoder": decoder, "previews_sent": sent[0],
-            "with_seconds": best_on, "without_seconds": best_off, "encode_seconds": spent[0],
-            "draw_seconds_each": draw_s, "direct_seconds": direct,
-            "direct_percent": 100 * direct / best_off if best_off else None,
-            "cost_percent": 100 * (best_on - best_off) / best_off if best_off else None,
-            "all_with": on, "all_without": off}
+    return {
+        "previews_per_image": count,
+        "decoder": decoder,
+        "previews_sent": sent[0],
+        "with_seconds": best_on,
+        "without_seconds": best_off,
+        "encode_seconds": spent[0],
+        "draw_seconds_each": draw_s,
+        "direct_seconds": direct,
+        "direct_percent": 100 * direct / best_off if best_off else None,
+        "cost_percent": 100 * (best_on - best_off) / best_off if best_off else None,
+        "all_with": on,
+        "all_without": off,
+    }
 
 
 def format_preview_cost(c: dict[str, Any]) -> str:
-    return "\n".join([
-        f"previews ({c['decoder']}, {c['previews_per_image']} per image, {c['previews_sent']} sent), target <= 5 %:",
-        f"  whole runs  {c['with_seconds']:9.3f} s with vs {c['without_seconds']:9.3f} s without -> "
-        f"{c['cost_percent']:+.1f} %",
-        f"  direct      {c['previews_sent']} x {1000 * c['draw_seconds_each']:.2f} ms drawing + "
-        f"{1000 * c['encode_seconds']:.1f} ms JPEG = {1000 * c['direct_seconds']:.1f} ms -> "
-        f"{c['direct_percent']:.2f} % of the run without"])
+    return "\n".join(
+        [
+            f"previews ({c['decoder']}, {c['previews_per_image']} per image, {c['previews_sent']} sent), "
+            "target <= 5 %:",
+            f"  whole runs  {c['with_seconds']:9.3f} s with vs {c['without_seconds']:9.3f} s without -> "
+            f"{c['cost_percent']:+.1f} %",
+            f"  direct      {c['previews_sent']} x {1000 * c['draw_seconds_each']:.2f} ms drawing + "
+            f"{1000 * c['encode_seconds']:.1f} ms JPEG = {1000 * c['direct_seconds']:.1f} ms -> "
+            f"{c['direct_percent']:.2f} % of the run without",
+        ]
+    )

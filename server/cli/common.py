@@ -20,16 +20,28 @@ BACKENDS = ("sdpa", "varlen", "flash", "xformers")  # irg_core.attention.BACKEND
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-dir", type=Path, help="model directory in the official BAGEL layout "
-                     "(default: the embedded demo checkpoint)")
-    src.add_argument("--dummy-weights", type=Path, metavar="CONFIG",
-                     help="random weights for this architecture: a config file, or the name of a packaged one ("
-                     + ", ".join(packaged_configs()) + ")")
+    src.add_argument(
+        "--model-dir",
+        type=Path,
+        help="model directory in the official BAGEL layout (default: the embedded demo checkpoint)",
+    )
+    src.add_argument(
+        "--dummy-weights",
+        type=Path,
+        metavar="CONFIG",
+        help="random weights for this architecture: a config file, or the name of a packaged one ("
+        + ", ".join(packaged_configs())
+        + ")",
+    )
     p.add_argument("--tokenizer-dir", type=Path, help="tokenizer files for --dummy-weights (default: the demo's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--attention", choices=BACKENDS, default=os.environ.get("IRG_ATTENTION", "sdpa"),
-                   help="attention backend (default: $IRG_ATTENTION or sdpa; flash and xformers need their extras)")
+    p.add_argument(
+        "--attention",
+        choices=BACKENDS,
+        default=os.environ.get("IRG_ATTENTION", "sdpa"),
+        help="attention backend (default: $IRG_ATTENTION or sdpa; flash and xformers need their extras)",
+    )
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly on CUDA")
 
 
@@ -71,8 +83,10 @@ def read_config(value: Path) -> tuple[dict, str]:
     else:
         name = value.name.removesuffix(".json")
         if name not in packaged_configs():
-            raise CommandError(f"--dummy-weights {value}: no such file, nor a packaged config (packaged: "
-                               f"{', '.join(packaged_configs())})")
+            raise CommandError(
+                f"--dummy-weights {value}: no such file, nor a packaged config (packaged: "
+                f"{', '.join(packaged_configs())})"
+            )
         where = f"irg_core/data/{name}.json"
         text = resources.files("irg_core.data").joinpath(f"{name}.json").read_text("utf-8")
     try:

@@ -22,14 +22,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="the prompt, or with --image the edit instruction")
     add_model_options(p)
     add_generation_options(p)
-    p.add_argument("--image", type=Path, metavar="IN.png",
-                   help="edit this image (PNG, JPEG or WebP); the output size follows it, as in the official code")
+    p.add_argument(
+        "--image",
+        type=Path,
+        metavar="IN.png",
+        help="edit this image (PNG, JPEG or WebP); the output size follows it, as in the official code",
+    )
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
     p.add_argument("--save-tensors", action="store_true", help="also write tensors.safetensors (noise, latents)")
-    p.add_argument("--previews", type=int, default=0, metavar="N",
-                   help="write N previews per image while it is denoised to OUT/previews/ (default 0)")
-    p.add_argument("--preview-decoder", choices=("fast", "vae"), default="fast",
-                   help="fast: linear latent->RGB map (default); vae: full VAE decode")
+    p.add_argument(
+        "--previews",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write N previews per image while it is denoised to OUT/previews/ (default 0)",
+    )
+    p.add_argument(
+        "--preview-decoder",
+        choices=("fast", "vae"),
+        default="fast",
+        help="fast: linear latent->RGB map (default); vae: full VAE decode",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -40,20 +53,43 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     model = "default: the model's serving default for the mode (see docs/server.md)"
     p.add_argument("--width", type=int, default=None, help=f"pixels ({model}; recipe 1024; not with --image)")
     p.add_argument("--height", type=int, default=None, help=f"pixels ({model}; recipe 1024; not with --image)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"timesteps as BAGEL counts them: 50 -> 49 evaluations ({model}; recipe 50)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timesteps as BAGEL counts them: 50 -> 49 evaluations ({model}; recipe 50)",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: random (always reported)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"thought sampling temperature, 0 = greedy ({model}; recipe: 0.3 for irg, 0 otherwise)")
-    p.add_argument("--max-think-tokens", type=int, default=None,
-                   help=f"tokens generated per thought at most ({model}; recipe: 4095 for irg, 999 otherwise)")
-    p.add_argument("--guidance", type=Path, metavar="FILE.json",
-                   help='per-round guidance: {"rounds": [{"text_scale": 4, "interval": [0.4, 1], ...}, ...]}')
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"thought sampling temperature, 0 = greedy ({model}; recipe: 0.3 for irg, 0 otherwise)",
+    )
+    p.add_argument(
+        "--max-think-tokens",
+        type=int,
+        default=None,
+        help=f"tokens generated per thought at most ({model}; recipe: 4095 for irg, 999 otherwise)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=Path,
+        metavar="FILE.json",
+        help='per-round guidance: {"rounds": [{"text_scale": 4, "interval": [0.4, 1], ...}, ...]}',
+    )
     p.add_argument("--system-prompt-file", type=Path, help="system prompt (default: the mode's own)")
-    p.add_argument("--cache", choices=("none", "taylorseer"), default="none",
-                   help="step cache: taylorseer forecasts most denoising steps (faster, not exact; default none)")
-    p.add_argument("--cache-options", metavar="JSON",
-                   help='TaylorSeer parameters, e.g. \'{"fresh_threshold": 3, "first_enhance": 5, "max_order": 6}\'')
+    p.add_argument(
+        "--cache",
+        choices=("none", "taylorseer"),
+        default="none",
+        help="step cache: taylorseer forecasts most denoising steps (faster, not exact; default none)",
+    )
+    p.add_argument(
+        "--cache-options",
+        metavar="JSON",
+        help='TaylorSeer parameters, e.g. \'{"fresh_threshold": 3, "first_enhance": 5, "max_order": 6}\'',
+    )
 
 
 def read_guidance(path: Path | None, edit: bool = False) -> tuple[RoundGuidance, ...]:
@@ -98,19 +134,30 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     edit = getattr(args, "image", None) is not None
     if edit and (args.width is not None or args.height is not None):
-        raise CommandError("--width/--height: an edit's output size follows the input image (the VAE transform's "
-                           "resize of it, as in the official code); leave them out with --image")
+        raise CommandError(
+            "--width/--height: an edit's output size follows the input image (the VAE transform's "
+            "resize of it, as in the official code); leave them out with --image"
+        )
     d = model_defaults(args)
 
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
     return GenerationParams(
-        prompt=args.prompt, mode=args.mode, rounds=args.rounds, width=pick(args.width, d.width),
-        height=pick(args.height, d.height), steps=pick(args.steps, d.steps), seed=seed,
+        prompt=args.prompt,
+        mode=args.mode,
+        rounds=args.rounds,
+        width=pick(args.width, d.width),
+        height=pick(args.height, d.height),
+        steps=pick(args.steps, d.steps),
+        seed=seed,
         max_think_tokens=pick(args.max_think_tokens, d.max_think_tokens),
-        temperature=pick(args.temperature, d.temperature), guidance=read_guidance(args.guidance, edit),
-        system_prompt=system, edit=edit, cache=read_cache(args)).resolved()
+        temperature=pick(args.temperature, d.temperature),
+        guidance=read_guidance(args.guidance, edit),
+        system_prompt=system,
+        edit=edit,
+        cache=read_cache(args),
+    ).resolved()
 
 
 def read_image(path: Path):  # -> PIL.Image.Image
@@ -236,17 +283,35 @@ def run(args: argparse.Namespace) -> int:
 def trajectory_record(result: Any, engine: Any) -> dict[str, Any]:
     p = result.params
     return {
-        "prompt": p.prompt, "mode": p.mode, "edit": p.edit, "seed": p.seed, "width": p.width, "height": p.height,
-        "steps": p.steps, "temperature": p.temperature, "max_think_tokens": p.max_think_tokens,
+        "prompt": p.prompt,
+        "mode": p.mode,
+        "edit": p.edit,
+        "seed": p.seed,
+        "width": p.width,
+        "height": p.height,
+        "steps": p.steps,
+        "temperature": p.temperature,
+        "max_think_tokens": p.max_think_tokens,
         "cache": p.cache.to_dict() if p.cache is not None else None,
-        "previews": p.previews, "preview_decoder": p.preview_decoder,
-        "rounds": [{"round": r.index, "kind": r.kind, "text": r.text, "token_ids": r.token_ids,
-                    "guidance": r.guidance.to_dict(), "truncated": r.truncated,
-                    "denoising": denoising_counts(result, r.index),
-                    "image": f"round-{r.index}.png"} for r in result.rounds],
+        "previews": p.previews,
+        "preview_decoder": p.preview_decoder,
+        "rounds": [
+            {
+                "round": r.index,
+                "kind": r.kind,
+                "text": r.text,
+                "token_ids": r.token_ids,
+                "guidance": r.guidance.to_dict(),
+                "truncated": r.truncated,
+                "denoising": denoising_counts(result, r.index),
+                "image": f"round-{r.index}.png",
+            }
+            for r in result.rounds
+        ],
         "timings": [asdict(s) for s in result.stages],
         "total_seconds": result.total_seconds,
-        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
     }
 
 

@@ -22,8 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1, IRG_HOST)")
     p.add_argument("--port", type=int, help="port to bind (default 8000, IRG_PORT)")
     p.add_argument("--redis", metavar="URL", help="use Redis (IRG_REDIS_URL): API only, jobs run by `irg worker`")
-    p.add_argument("--max-active", type=int, help="jobs the embedded worker runs at once (IRG_MAX_ACTIVE; "
-                   "default 8 on CUDA, 2 on CPU)")
+    p.add_argument(
+        "--max-active",
+        type=int,
+        help="jobs the embedded worker runs at once (IRG_MAX_ACTIVE; default 8 on CUDA, 2 on CPU)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     add_model_options(p)
@@ -31,15 +34,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # The flag each setting of `irg serve` / `irg worker` comes from, named in errors instead of its IRG_ variable.
-FLAGS = {"host": "--host", "port": "--port", "redis_url": "--redis", "worker_name": "--name",
-         "worker_metrics_port": "--metrics-port", "max_active": "--max-active"}
+FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "redis_url": "--redis",
+    "worker_name": "--name",
+    "worker_metrics_port": "--metrics-port",
+    "max_active": "--max-active",
+}
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Any:
     from server.settings import load_settings
 
-    given = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
-             "redis_url": getattr(args, "redis", None), "max_active": getattr(args, "max_active", None), **extra}
+    given = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "redis_url": getattr(args, "redis", None),
+        "max_active": getattr(args, "max_active", None),
+        **extra,
+    }
     return load_settings(FLAGS, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -105,18 +119,31 @@ def run(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         queue, worker = embedded_worker(args, settings, lambda: setattr(servers[0], "should_exit", True))
     try:  # the defaults of the model the workers run (docs/server.md); a bad file stops the start
-        defaults = serving_defaults(args.model_dir or settings.model_dir, dummy=args.dummy_weights is not None,
-                                    demo_when_unset=not settings.redis_url)
+        defaults = serving_defaults(
+            args.model_dir or settings.model_dir,
+            dummy=args.dummy_weights is not None,
+            demo_when_unset=not settings.redis_url,
+        )
     except DefaultsError as e:
         raise CommandError(str(e)) from e
     log.info("request defaults from %s", defaults.source)
     app = create_app(settings, queue, [worker] if worker else [], defaults)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                            access_log=not args.no_access_log, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+        timeout_graceful_shutdown=10,
+    )
     servers.append(uvicorn.Server(config))
     host, port = sock.getsockname()[:2]
-    log.info("serving on http://%s:%d (%s)", f"[{host}]" if ":" in host else host, port,
-             "redis" if settings.redis_url else "in-process queue and worker")  # the URL may hold a password
+    log.info(
+        "serving on http://%s:%d (%s)",
+        f"[{host}]" if ":" in host else host,
+        port,
+        "redis" if settings.redis_url else "in-process queue and worker",
+    )  # the URL may hold a password
     servers[0].run(sockets=[sock])
     if worker is not None and worker.error is not None:
         raise CommandError(f"the worker could not load the model: {worker.error}")

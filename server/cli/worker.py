@@ -18,10 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run jobs from Redis on this machine's accelerator (one process per GPU)")
     p.add_argument("--redis", metavar="URL", help="the queue (IRG_REDIS_URL)")
     p.add_argument("--name", help="worker name in heartbeats (default: host-pid, IRG_WORKER_NAME)")
-    p.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port "
-                   "(IRG_WORKER_METRICS_PORT)")
-    p.add_argument("--max-active", type=int, help="jobs this worker runs at once (IRG_MAX_ACTIVE; default 8 on "
-                   "CUDA, 2 on CPU)")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve this worker's /metrics on this port (IRG_WORKER_METRICS_PORT)"
+    )
+    p.add_argument(
+        "--max-active", type=int, help="jobs this worker runs at once (IRG_MAX_ACTIVE; default 8 on CUDA, 2 on CPU)"
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_model_options(p)
     p.set_defaults(func=run)
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     check_attention(args)
     from server.runner import EngineRunner  # torch: after what can be checked in a second
     from server.worker import Worker
+
     if settings.worker_metrics_port is not None:
         start_http_server(settings.worker_metrics_port, registry=metrics.Exposition("worker"))
     worker = Worker(queue, settings)

@@ -131,5 +131,7 @@ class WorkerQueue(Protocol):
 
 def attempts_exhausted(max_attempts: int) -> dict[str, str]:
     """The error of a job whose workers all died under it."""
-    return {"code": "worker_lost",
-            "message": f"the worker running this job stopped responding in each of {max_attempts} attempts"}
+    return {
+        "code": "worker_lost",
+        "message": f"the worker running this job stopped responding in each of {max_attempts} attempts",
+    }

@@ -83,7 +83,7 @@ class Follower:
         return stream_id(after or "0-0") >= self.base
 
     def after(self, after: str | None) -> list[StoredEvent]:
-        return self.events[bisect.bisect_right(self.ids, stream_id(after or "0-0")):]
+        return self.events[bisect.bisect_right(self.ids, stream_id(after or "0-0")) :]
 
     async def wait_after(self, after: str | None, timeout: float) -> list[StoredEvent]:
         with contextlib.suppress(TimeoutError):

@@ -52,10 +52,22 @@ class Keys:
 
     def expiring(self, job_id: str) -> list[str]:
         """The keys of a job that live on for the result's lifetime once it ends: job, events, tries, images."""
-        return [self.job(job_id), self.events(job_id), self.tries(job_id),
-                *(self.image(job_id, k) for k in range(1, MAX_ROUNDS + 1))]
+        return [
+            self.job(job_id),
+            self.events(job_id),
+            self.tries(job_id),
+            *(self.image(job_id, k) for k in range(1, MAX_ROUNDS + 1)),
+        ]
 
     def lua_prefixes(self) -> str:
         """The prefixes the claim and recovery scripts build job keys from."""
-        return json.dumps({"job": self.job_prefix, "lease": self.lease_prefix, "tries": self.tries_prefix,
-                           "events": self.events_prefix, "image": self.image_prefix, "max_rounds": MAX_ROUNDS})
+        return json.dumps(
+            {
+                "job": self.job_prefix,
+                "lease": self.lease_prefix,
+                "tries": self.tries_prefix,
+                "events": self.events_prefix,
+                "image": self.image_prefix,
+                "max_rounds": MAX_ROUNDS,
+            }
+        )

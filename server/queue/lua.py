@@ -36,7 +36,9 @@ return {1, pos}
 
 # KEYS queue, running | ARGV prefixes, token, lease ms, now, worker, pending ttl
 # -> false | {attempt, {field, value, ...}}
-CLAIM = _PREFIXES + """
+CLAIM = (
+    _PREFIXES
+    + """
 while true do
   local id = redis.call('LPOP', KEYS[1])
   if not id then return false end
@@ -54,6 +56,7 @@ while true do
   end
 end
 """
+)
 
 # KEYS lease, job, events | ARGV token, type, data, seq, field, value, ... -> the event id
 # `seq` (token/n) makes a write retried after a lost reply land once.
@@ -114,7 +117,9 @@ return redis.call('HGETALL', KEYS[2])
 # KEYS running, queue, wake | ARGV prefixes, max attempts, now, ttl, error JSON, wake maxlen -> jobs recovered
 # A claimed job whose lease expired goes back to the head of the queue, or fails past max attempts, or ends
 # cancelled when a cancellation was asked for.
-RECOVER = _PREFIXES + """
+RECOVER = (
+    _PREFIXES
+    + """
 local n = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', P.lease .. id) == 0 then
@@ -144,3 +149,4 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return n
 """
+)

@@ -151,8 +151,9 @@ class MemoryQueue:
                 return None
             if fields["status"] == "queued":
                 self._waiting.remove(job_id)
-                self._end(job_id, CANCELLED, {"job_id": job_id},
-                          {"status": "cancelled", "finished_at": str(time.time())})
+                self._end(
+                    job_id, CANCELLED, {"job_id": job_id}, {"status": "cancelled", "finished_at": str(time.time())}
+                )
             elif fields["status"] == "running":
                 fields["cancel"] = "1"
             return JobRecord.from_fields(fields)
@@ -185,8 +186,14 @@ class MemoryQueue:
             self._running.add(job_id)
             self._leases[job_id] = (token, time.monotonic() + self.s.lease_s)
             fields = self._jobs[job_id]
-            fields.update(status="running", worker=worker, attempt=str(attempt), started_at=str(time.time()),
-                          texts="[]", images="[]")
+            fields.update(
+                status="running",
+                worker=worker,
+                attempt=str(attempt),
+                started_at=str(time.time()),
+                texts="[]",
+                images="[]",
+            )
             self._append(job_id, STARTED, {"job_id": job_id, "worker": worker, "attempt": attempt})
             return Claim(JobRecord.from_fields(fields), attempt, token)
 
@@ -271,8 +278,9 @@ class MemoryQueue:
             self._end(job_id, CANCELLED, {"job_id": job_id}, dict(ended, status="cancelled"))
         elif self._tries.get(job_id, 0) >= self.s.max_attempts:
             error = attempts_exhausted(self.s.max_attempts)
-            self._end(job_id, FAILED, {"job_id": job_id, "error": error},
-                      dict(ended, status="failed", error=_dumps(error)))
+            self._end(
+                job_id, FAILED, {"job_id": job_id, "error": error}, dict(ended, status="failed", error=_dumps(error))
+            )
         else:
             fields.update(status="queued", worker="")
             self._waiting.appendleft(job_id)

@@ -77,10 +77,16 @@ class RedisJobQueue:
         url = _redis_url(settings)
         # Short commands share a bounded pool (a burst waits for a connection instead of opening hundreds);
         # the blocking stream reads, one per watched job (fanout.py), get their own pool.
-        self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_S, **async_client_options()))
-        streams = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
-            url, max_connections=STREAM_CONNECTIONS, **async_client_options()))
+        self.r = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_S, **async_client_options()
+            )
+        )
+        streams = aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool.from_url(
+                url, max_connections=STREAM_CONNECTIONS, **async_client_options()
+            )
+        )
         self.fanout = Fanout(streams)
         self.live_events = RedisLive(streams, self.k.live_prefix)  # one subscription per API process
         self._submit = self.r.register_script(lua.SUBMIT)
@@ -209,8 +215,10 @@ class RedisWorkerQueue:
         deadline = time.monotonic() + timeout
         while True:
             token = f"{worker}/{secrets.token_hex(6)}"
-            got = self._claim(keys=[self.k.queue, self.k.running],
-                              args=[self.k.lua_prefixes(), token, self._lease_ms, time.time(), worker, PENDING_TTL_S])
+            got = self._claim(
+                keys=[self.k.queue, self.k.running],
+                args=[self.k.lua_prefixes(), token, self._lease_ms, time.time(), worker, PENDING_TTL_S],
+            )
             if got:
                 attempt, flat = got
                 return Claim(JobRecord.from_fields(_pairs(flat)), int(attempt), token)
@@ -251,8 +259,14 @@ class RedisWorkerQueue:
 
     def release(self, claim: Claim) -> None:
         job_id = claim.job.id
-        keys = [self.k.lease(job_id), self.k.running, self.k.job(job_id), self.k.tries(job_id), self.k.queue,
-                self.k.wake]
+        keys = [
+            self.k.lease(job_id),
+            self.k.running,
+            self.k.job(job_id),
+            self.k.tries(job_id),
+            self.k.queue,
+            self.k.wake,
+        ]
         self._release(keys=keys, args=[claim.token, job_id, WAKE_MAXLEN])
 
     def renew(self, claim: Claim) -> bool:

@@ -17,8 +17,19 @@ MODES = SHARED / "golden" / "tiny_bagel_modes"
 
 def test_golden_modes_check_passes_for_edit_and_understanding(irg_on_path) -> None:  # noqa: F811
     """shared/checks/golden_modes_check.py through `irg generate --image` and `irg understand`."""
-    p = subprocess.run([sys.executable, str(SHARED / "checks" / "golden_modes_check.py"), str(MODES), "edit_think",
-                        "understand_think"], env=irg_on_path, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(SHARED / "checks" / "golden_modes_check.py"),
+            str(MODES),
+            "edit_think",
+            "understand_think",
+        ],
+        env=irg_on_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 modes within tolerance" in p.stdout
 
@@ -45,8 +56,21 @@ def test_edit_refuses_a_size_and_bad_images(irg_on_path, golden_dir: Path, tmp_p
 
 def test_understand_writes_the_answer(irg_on_path, golden_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "out"
-    p = irg(irg_on_path, "understand", "Describe both.", "--image", str(MODES / "input.png"), "--image",
-            str(MODES / "input.png"), "--model-dir", str(golden_dir / "model"), "--max-tokens", "4", "--out", str(out))
+    p = irg(
+        irg_on_path,
+        "understand",
+        "Describe both.",
+        "--image",
+        str(MODES / "input.png"),
+        "--image",
+        str(MODES / "input.png"),
+        "--model-dir",
+        str(golden_dir / "model"),
+        "--max-tokens",
+        "4",
+        "--out",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     record = json.loads((out / "answer.json").read_text())
     assert len(record["token_ids"]) == 4 and isinstance(record["text"], str)

@@ -49,14 +49,14 @@ def test_decode_rows_each_attend_their_own_context() -> None:
     buf = DecodeBuffers.allocate(3, 16, torch.device("cpu"))
     for i, (p, n) in enumerate(zip(layouts, lengths)):
         slots = (torch.tensor(p)[:, None] * page + torch.arange(page)).flatten()
-        buf.key_slots[i, :slots.shape[0]] = slots
+        buf.key_slots[i, : slots.shape[0]] = slots
         buf.mask[i, 0, 0, :n] = True
     q = torch.randn(3, 6, d)
     out = SdpaBackend().decode(q, flat_k, flat_v, buf)
     for i, (p, n) in enumerate(zip(layouts, lengths)):
         k = kp[list(p)].flatten(0, 1)[:n]
         v = vp[list(p)].flatten(0, 1)[:n]
-        torch.testing.assert_close(out[i:i + 1], reference(q[i:i + 1], k, v, False), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i : i + 1], reference(q[i : i + 1], k, v, False), atol=1e-5, rtol=1e-5)
 
 
 def test_backends_are_chosen_by_name_and_missing_extras_are_named() -> None:

@@ -30,8 +30,14 @@ def _packed_logits(e: Engine, ctx, ids: list[int]) -> torch.Tensor:
     for token in ids:
         new, slots = e.pool.extend(ctx, 1)
         x = e.model.embed_tokens(torch.tensor([token]))
-        h = e._forward(x, torch.tensor([ctx.rope]), RowGroups.split(1, 0), False, slots,
-                       AttnMeta([Seq(0, 1, new.pages, new.length)], True))
+        h = e._forward(
+            x,
+            torch.tensor([ctx.rope]),
+            RowGroups.split(1, 0),
+            False,
+            slots,
+            AttnMeta([Seq(0, 1, new.pages, new.length)], True),
+        )
         out.append(e.model.logits(h)[0])
         ctx = new.advanced(1)
     return torch.stack(out)
@@ -78,11 +84,21 @@ def test_a_28_layer_decode_token_costs_at_most_1300_aten_ops(golden_dir: Path) -
             Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    cfg = BagelConfig.from_dict({
-        "llm": {"hidden_size": 64, "num_hidden_layers": 28, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "intermediate_size": 128, "vocab_size": 152064, "rope_theta": 1e6},
-        "vit": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2},
-        "vae": {"ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1}})
+    cfg = BagelConfig.from_dict(
+        {
+            "llm": {
+                "hidden_size": 64,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+                "vocab_size": 152064,
+                "rope_theta": 1e6,
+            },
+            "vit": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2},
+            "vae": {"ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1},
+        }
+    )
     tok = Tokenizer.from_dir(golden_dir / "model")
     e = Engine(build_dummy(cfg, "cpu", torch.bfloat16, tokenizer=tok), page_size=16, kv_cache_bytes=2**22)
     seq = Decoding(e.prefill_text(EMPTY, tok.frame("hello")), 4)

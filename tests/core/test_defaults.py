@@ -36,8 +36,9 @@ def test_generation_params_resolve_thought_knobs_per_mode() -> None:
 
 
 def test_checkpoint_file_over_recipe(tmp_path: Path) -> None:
-    (tmp_path / SERVING_DEFAULTS_FILE).write_text(json.dumps(
-        {"width": 256, "height": 128, "steps": 20, "modes": {"irg": {"max_think_tokens": 64}}}), "utf-8")
+    (tmp_path / SERVING_DEFAULTS_FILE).write_text(
+        json.dumps({"width": 256, "height": 128, "steps": 20, "modes": {"irg": {"max_think_tokens": 64}}}), "utf-8"
+    )
     d = load_serving_defaults(tmp_path)
     assert d.source.endswith(SERVING_DEFAULTS_FILE)
     irg, think = d.for_mode("irg"), d.for_mode("think")
@@ -51,17 +52,20 @@ def test_real_layout_checkpoint_without_file_gets_recipe(golden_dir: Path) -> No
     assert load_serving_defaults(None) == RECIPE
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("{", "not readable JSON"),
-    ("[1]", "must be a JSON object"),
-    ('{"widht": 256}', "unknown key(s) widht"),
-    ('{"width": 250}', "width: must be a multiple of 16"),
-    ('{"steps": 1}', "steps: must be an integer within [2, 200]"),
-    ('{"steps": 20.0}', "steps: must be an integer"),
-    ('{"temperature": -1}', "temperature: must be a number within [0, 10]"),
-    ('{"modes": {"fast": {}}}', "unknown mode(s) fast"),
-    ('{"modes": {"irg": {"max_think_tokens": 5000}}}', "modes.irg.max_think_tokens"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "not readable JSON"),
+        ("[1]", "must be a JSON object"),
+        ('{"widht": 256}', "unknown key(s) widht"),
+        ('{"width": 250}', "width: must be a multiple of 16"),
+        ('{"steps": 1}', "steps: must be an integer within [2, 200]"),
+        ('{"steps": 20.0}', "steps: must be an integer"),
+        ('{"temperature": -1}', "temperature: must be a number within [0, 10]"),
+        ('{"modes": {"fast": {}}}', "unknown mode(s) fast"),
+        ('{"modes": {"irg": {"max_think_tokens": 5000}}}', "modes.irg.max_think_tokens"),
+    ],
+)
 def test_bad_file_names_file_and_key(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / SERVING_DEFAULTS_FILE).write_text(content, "utf-8")
     with pytest.raises(DefaultsError) as info:
@@ -76,8 +80,10 @@ def test_demo_checkpoint_carries_its_defaults(demo_dir: Path) -> None:
     on_disk = load_serving_defaults(demo_dir)
     assert on_disk.modes == demo_defaults().modes == serving_defaults(None).modes
     irg = on_disk.for_mode("irg")
-    assert (irg.width, irg.steps, irg.max_think_tokens) == (DEMO_SERVING_DEFAULTS["width"],
-                                                            DEMO_SERVING_DEFAULTS["steps"],
-                                                            DEMO_SERVING_DEFAULTS["max_think_tokens"])
+    assert (irg.width, irg.steps, irg.max_think_tokens) == (
+        DEMO_SERVING_DEFAULTS["width"],
+        DEMO_SERVING_DEFAULTS["steps"],
+        DEMO_SERVING_DEFAULTS["max_think_tokens"],
+    )
     assert irg.temperature == 0.3  # not named by the demo: the recipe's
     assert serving_defaults(None, dummy=True) == RECIPE

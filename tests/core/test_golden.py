@@ -46,8 +46,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def guidance(r: dict) -> RoundGuidance:
-    return RoundGuidance(r["cfg_text_scale"], r.get("cfg_img_scale", 1.0), tuple(r["cfg_interval"]),
-                         r["cfg_renorm_type"], r["cfg_renorm_min"], r["timestep_shift"])
+    return RoundGuidance(
+        r["cfg_text_scale"],
+        r.get("cfg_img_scale", 1.0),
+        tuple(r["cfg_interval"]),
+        r["cfg_renorm_type"],
+        r["cfg_renorm_min"],
+        r["timestep_shift"],
+    )
 
 
 def ids(t: torch.Tensor) -> list[int]:
@@ -114,9 +120,15 @@ def _cache(engine: Engine, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_image_round(engine: Engine, G, k: int, branches: Branches, g: RoundGuidance, case) -> torch.Tensor:
     seen: dict[tuple[str, int], torch.Tensor] = {}
-    latent = engine.generate_image(branches, case["width"], case["height"], case["num_timesteps"], g,
-                                   G[f"traj.round{k}.init_noise"],
-                                   observe=lambda name, i, v: seen.__setitem__((name, i), v.clone()))
+    latent = engine.generate_image(
+        branches,
+        case["width"],
+        case["height"],
+        case["num_timesteps"],
+        g,
+        G[f"traj.round{k}.init_noise"],
+        observe=lambda name, i, v: seen.__setitem__((name, i), v.clone()),
+    )
     pre = f"traj.round{k}."
     assert rel(seen[("cond", 0)], G[pre + "step0_v_cond"]) < 1e-3
     assert rel(seen[("no_text", 0)], G[pre + "step0_v_cfg_text"]) < 1e-3
@@ -178,9 +190,19 @@ def test_round_two_teacher_forced(engine: Engine, G, case) -> None:
 
 def test_whole_trajectory(engine: Engine, G, case) -> None:
     """End to end through run_trajectory (no teacher forcing): ids identical, latents and images close."""
-    p = GenerationParams(case["prompt"], "irg", 2, case["width"], case["height"], case["num_timesteps"],
-                         case["seed"], case["max_length"] - 1, 0.0,
-                         (guidance(case["round1"]), guidance(case["round2"])), case["recipe"]["system_prompt"])
+    p = GenerationParams(
+        case["prompt"],
+        "irg",
+        2,
+        case["width"],
+        case["height"],
+        case["num_timesteps"],
+        case["seed"],
+        case["max_length"] - 1,
+        0.0,
+        (guidance(case["round1"]), guidance(case["round2"])),
+        case["recipe"]["system_prompt"],
+    )
     result = run_trajectory(engine, p, keep_tensors=True)
     for k in (1, 2):
         r = result.rounds[k - 1]

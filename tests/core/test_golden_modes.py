@@ -84,8 +84,9 @@ def test_edit_size_and_resizes(image: Image.Image, gdir: Path, G) -> None:
     assert edit_size(*image.size) == (848, 512)
     resized = edit_input(image)
     assert np.array_equal(np.asarray(resized), np.asarray(Image.open(gdir / "input_vae.png").convert("RGB")))
-    assert np.array_equal(np.asarray(VIT_TRANSFORM.resize(resized)),
-                          np.asarray(Image.open(gdir / "input_vit.png").convert("RGB")))
+    assert np.array_equal(
+        np.asarray(VIT_TRANSFORM.resize(resized)), np.asarray(Image.open(gdir / "input_vit.png").convert("RGB"))
+    )
     # the long-side clamp comes last: a very elongated input ends with a short side under 512 (README)
     assert edit_size(100, 40) == (1024, 416)
     with pytest.raises(ValueError, match="RGB"):
@@ -121,13 +122,26 @@ def _edit_round(engine: Engine, mode: str, image: Image.Image, G, gj, case) -> N
     for name, ctx in (("cond", main), ("cfg_text", with_image), ("cfg_img", texts)):
         assert (ctx.length, ctx.rope) == (want[name]["kv_len"], want[name]["rope"]), name
     h = case["edit"]["hyper"]
-    g = RoundGuidance(h["cfg_text_scale"], h["cfg_img_scale"], tuple(h["cfg_interval"]), h["cfg_renorm_type"],
-                      h["cfg_renorm_min"], h["timestep_shift"])
+    g = RoundGuidance(
+        h["cfg_text_scale"],
+        h["cfg_img_scale"],
+        tuple(h["cfg_interval"]),
+        h["cfg_renorm_type"],
+        h["cfg_renorm_min"],
+        h["timestep_shift"],
+    )
     noise = initial_noise(case["seed"], 1696, 64)
     assert torch.equal(noise, G[f"{mode}.init_noise"])
     seen: dict[tuple[str, int], torch.Tensor] = {}
-    latent = engine.generate_image(Branches(main, with_image, texts), 848, 512, case["num_timesteps"], g, noise,
-                                   observe=lambda name, i, v: seen.__setitem__((name, i), v.clone()))
+    latent = engine.generate_image(
+        Branches(main, with_image, texts),
+        848,
+        512,
+        case["num_timesteps"],
+        g,
+        noise,
+        observe=lambda name, i, v: seen.__setitem__((name, i), v.clone()),
+    )
     for ours, theirs in (("cond", "cond"), ("no_text", "cfg_text"), ("no_img", "cfg_img")):
         assert rel(seen[(ours, 0)], G[f"{mode}.step0_v_{theirs}"]) < 0.03, ours
     for i in range(case["num_timesteps"] - 1):

@@ -7,8 +7,14 @@ import torch
 from irg_core.config import LLMConfig
 from irg_core.kv_cache import EMPTY, KVPool, PoolFull
 
-CFG = LLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=64, vocab_size=100)
+CFG = LLMConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=100,
+)
 
 
 def pool(pages: int = 16, page_size: int = 4) -> KVPool:

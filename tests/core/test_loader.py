@@ -43,17 +43,20 @@ def _rewrite(path: Path, change) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("damage, error, words", [
-    ("shape", CheckpointError, ["vae2llm.weight", "shape"]),
-    ("missing", CheckpointError, ["missing tensor", "llm2vae.bias"]),
-    ("renamed", CheckpointError, ["unexpected tensor", "time_embedder.mlp.0.weight"]),
-    ("truncated", CheckpointError, ["ema.safetensors", "truncated"]),
-    ("no_config", ConfigError, ["vit_config.json", "missing"]),
-    ("bad_config", ConfigError, ["llm_config.json", "hidden_size"]),
-    ("no_tokenizer", TokenizerError, ["tokenizer.json", "missing"]),
-    ("no_ae", CheckpointError, ["ae.safetensors", "missing"]),
-    ("integer_tensor", CheckpointError, ["connector.fc1.bias", "dtype"]),
-])
+@pytest.mark.parametrize(
+    "damage, error, words",
+    [
+        ("shape", CheckpointError, ["vae2llm.weight", "shape"]),
+        ("missing", CheckpointError, ["missing tensor", "llm2vae.bias"]),
+        ("renamed", CheckpointError, ["unexpected tensor", "time_embedder.mlp.0.weight"]),
+        ("truncated", CheckpointError, ["ema.safetensors", "truncated"]),
+        ("no_config", ConfigError, ["vit_config.json", "missing"]),
+        ("bad_config", ConfigError, ["llm_config.json", "hidden_size"]),
+        ("no_tokenizer", TokenizerError, ["tokenizer.json", "missing"]),
+        ("no_ae", CheckpointError, ["ae.safetensors", "missing"]),
+        ("integer_tensor", CheckpointError, ["connector.fc1.bias", "dtype"]),
+    ],
+)
 def test_damaged_directories_give_one_clear_error(model_copy: Path, damage: str, error: type, words: list[str]) -> None:
     ema = model_copy / "ema.safetensors"
     if damage == "shape":

@@ -43,8 +43,11 @@ def norms(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, torch.dtyp
 
 def conv_inputs(module: torch.nn.Module) -> tuple[list[torch.dtype], list]:
     seen: list[torch.dtype] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
-             for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+        for m in module.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     return seen, hooks
 
 

@@ -30,8 +30,7 @@ def image() -> Image.Image:
 
 
 def edit(**kw) -> GenerationParams:
-    base = dict(prompt="Make the sky orange.", mode="irg", rounds=2, steps=3, seed=11, max_think_tokens=4,
-                edit=True)
+    base = dict(prompt="Make the sky orange.", mode="irg", rounds=2, steps=3, seed=11, max_think_tokens=4, edit=True)
     return GenerationParams(**{**base, **kw})
 
 
@@ -65,8 +64,9 @@ def irg_run(engine: Engine, image: Image.Image):
     events: list = []
     with pytest.MonkeyPatch.context() as mp:
         spy = Spy(mp)
-        result = run_trajectory(engine, edit(temperature=0.8), on_event=events.append, keep_tensors=True,
-                                images=[image])
+        result = run_trajectory(
+            engine, edit(temperature=0.8), on_event=events.append, keep_tensors=True, images=[image]
+        )
         copied = engine.pool.copied_tokens
     return result, spy, events, copied
 
@@ -121,8 +121,9 @@ def test_irg_edit_is_deterministic(engine: Engine, image: Image.Image, irg_run) 
 
 
 @pytest.mark.parametrize("mode", ["think"])  # direct: tests/core/test_golden_modes.py and the CLI golden check
-def test_single_round_edits_use_the_official_branches(engine: Engine, image: Image.Image, mode: str,
-                                                      monkeypatch) -> None:
+def test_single_round_edits_use_the_official_branches(
+    engine: Engine, image: Image.Image, mode: str, monkeypatch
+) -> None:
     spy = Spy(monkeypatch)
     p = edit(mode=mode, rounds=1)
     result = run_trajectory(engine, p, images=[image])

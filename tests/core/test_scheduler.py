@@ -32,9 +32,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_a_trajectory_beside_three_others_gives_what_it_gives_alone(engine: Engine) -> None:
     mine = params(temperature=0.3)
-    others = [params(prompt="Ein Leuchtturm in der Dämmerung", mode="think", width=80, height=32, seed=3),
-              params(prompt="A cat", mode="direct", width=32, height=32, seed=5, steps=8),
-              params(prompt="A very long reflection about a tree", rounds=3, seed=9, max_think_tokens=12)]
+    others = [
+        params(prompt="Ein Leuchtturm in der Dämmerung", mode="think", width=80, height=32, seed=3),
+        params(prompt="A cat", mode="direct", width=32, height=32, seed=5, steps=8),
+        params(prompt="A very long reflection about a tree", rounds=3, seed=9, max_think_tokens=12),
+    ]
     alone = run_trajectory(engine, mine, keep_tensors=True)
     others_alone = [run_trajectory(engine, p, keep_tensors=True) for p in others[:2]]
 
@@ -53,8 +55,9 @@ def test_a_trajectory_beside_three_others_gives_what_it_gives_alone(engine: Engi
     for i, p in enumerate([mine, *others]):
         program, pages = prepare(engine, p, keep_tensors=True)
         last = i == 3
-        jobs.append(s.submit(program, pages, sink=count if last else None,
-                             should_cancel=cancel_half_way if last else None))
+        jobs.append(
+            s.submit(program, pages, sink=count if last else None, should_cancel=cancel_half_way if last else None)
+        )
     s.run(jobs)
     assert [j.status for j in jobs] == [DONE, DONE, DONE, CANCELLED]
     for result, ref in [(jobs[0].result, alone), (jobs[1].result, others_alone[0]), (jobs[2].result, others_alone[1])]:
@@ -66,8 +69,14 @@ def test_a_trajectory_beside_three_others_gives_what_it_gives_alone(engine: Engi
             assert np.abs(r.image.astype(int) - q.image.astype(int)).max() <= 1
     # decode rows of several jobs shared forwards, and so did denoising steps
     assert max(rows for kind, rows in forwards if kind == "decode") >= 3
-    lone_rows = {(64 // 8) * (48 // 8) + 2, 2 * ((64 // 8) * (48 // 8) + 2), (80 // 8) * (32 // 8) + 2,
-                 2 * ((80 // 8) * (32 // 8) + 2), (32 // 8) ** 2 + 2, 2 * ((32 // 8) ** 2 + 2)}
+    lone_rows = {
+        (64 // 8) * (48 // 8) + 2,
+        2 * ((64 // 8) * (48 // 8) + 2),
+        (80 // 8) * (32 // 8) + 2,
+        2 * ((80 // 8) * (32 // 8) + 2),
+        (32 // 8) ** 2 + 2,
+        2 * ((32 // 8) ** 2 + 2),
+    }
     assert any(rows not in lone_rows for kind, rows in forwards if kind == "denoise")
     # every page came back, the cancelled job's included (one page is the decode step's scratch)
     assert engine.pool.used_pages == 1 and s.reserved == 0
@@ -109,8 +118,11 @@ def test_a_cancel_during_a_vae_decode_stops_between_two_of_its_stages(engine: En
     seen: list[str] = []
     flag = {"stop": False, "ticks": 0}
     s = Scheduler(engine, max_active=1)
-    job = s.submit(*prepare(engine, params(mode="direct", steps=3)), sink=lambda e: seen.append(e.type),
-                   should_cancel=lambda: flag["stop"])
+    job = s.submit(
+        *prepare(engine, params(mode="direct", steps=3)),
+        sink=lambda e: seen.append(e.type),
+        should_cancel=lambda: flag["stop"],
+    )
     while not job.over:
         s.step()
         if seen and seen[-1] == "image.progress" and seen.count("image.progress") == 2:

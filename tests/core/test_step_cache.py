@@ -89,8 +89,12 @@ def test_counter_counts_every_branch_call() -> None:
     c = StepCounter()
     assert c.plan(["cond", "no_text"]) == [True, True]
     assert c.plan(["cond"]) == [True]
-    assert c.counts() == {"model_evaluations": 2, "branch_evaluations": 3, "forecast_steps": 0,
-                          "forecast_branch_calls": 0}
+    assert c.counts() == {
+        "model_evaluations": 2,
+        "branch_evaluations": 3,
+        "forecast_steps": 0,
+        "forecast_branch_calls": 0,
+    }
     assert isinstance(new_step_cache(None), StepCounter) and not new_step_cache(None).forecasts
     assert isinstance(new_step_cache(StepCacheParams()), TaylorSeer)
 
@@ -117,16 +121,34 @@ def _direct_branches(engine: Engine, golden_modes: dict, G) -> Branches:
 def test_direct_taylorseer_reproduces_the_official_cached_run(engine: Engine, modes_dir: Path, G) -> None:
     modes = json.loads((modes_dir / "golden.json").read_text())["modes"]
     hyper = modes["direct_taylorseer"]["generate_image"]
-    g = RoundGuidance(hyper["cfg_text_scale"], hyper["cfg_img_scale"], tuple(hyper["cfg_interval"]),
-                      hyper["cfg_renorm_type"], hyper["cfg_renorm_min"], hyper["timestep_shift"])
+    g = RoundGuidance(
+        hyper["cfg_text_scale"],
+        hyper["cfg_img_scale"],
+        tuple(hyper["cfg_interval"]),
+        hyper["cfg_renorm_type"],
+        hyper["cfg_renorm_min"],
+        hyper["timestep_shift"],
+    )
     branches = _direct_branches(engine, modes, G)
     noise = G["direct_taylorseer.init_noise"]
     vts: list[torch.Tensor] = []
     cache = TaylorSeer(StepCacheParams())
-    latent = engine.generate_image(branches, 128, 128, 20, g, noise, cache=cache,
-                                   observe=lambda name, i, t: vts.append(t.clone()) if name == "v_t" else None)
-    assert cache.counts() == {"model_evaluations": 9, "branch_evaluations": 17, "forecast_steps": 10,
-                              "forecast_branch_calls": 18}
+    latent = engine.generate_image(
+        branches,
+        128,
+        128,
+        20,
+        g,
+        noise,
+        cache=cache,
+        observe=lambda name, i, t: vts.append(t.clone()) if name == "v_t" else None,
+    )
+    assert cache.counts() == {
+        "model_evaluations": 9,
+        "branch_evaluations": 17,
+        "forecast_steps": 10,
+        "forecast_branch_calls": 18,
+    }
     assert rel(torch.stack(vts), G["direct_taylorseer.v_t"]) < 0.05
     on, off = rel(latent, G["direct_taylorseer.final_latent"]), rel(latent, G["direct_ts_exact.final_latent"])
     assert on < 0.02 and on < off
@@ -142,8 +164,17 @@ def test_direct_taylorseer_reproduces_the_official_cached_run(engine: Engine, mo
 @pytest.mark.parametrize("mode", ["direct", "think", "irg"])
 def test_every_mode_runs_with_the_cache_and_reports_counts(engine: Engine, mode: str) -> None:
     steps = 12
-    p = GenerationParams("a red fox", mode=mode, rounds=2, width=64, height=64, steps=steps, seed=3,
-                         max_think_tokens=4, cache=StepCacheParams())
+    p = GenerationParams(
+        "a red fox",
+        mode=mode,
+        rounds=2,
+        width=64,
+        height=64,
+        steps=steps,
+        seed=3,
+        max_think_tokens=4,
+        cache=StepCacheParams(),
+    )
     result = run_trajectory(engine, p)
     images = [s for s in result.stages if s.stage == "image"]
     assert len(images) == (2 if mode == "irg" else 1)
@@ -151,6 +182,10 @@ def test_every_mode_runs_with_the_cache_and_reports_counts(engine: Engine, mode:
         # 11 calls: full at 0-4, 7, 10; forecast at 5, 6, 8, 9
         assert (s.steps, s.model_evaluations, s.forecast_steps) == (11, 7, 4)
         assert s.branch_evaluations > 0 and s.forecast_branch_calls > 0
-    exact = run_trajectory(engine, GenerationParams("a red fox", mode=mode, rounds=2, width=64, height=64,
-                                                    steps=steps, seed=3, max_think_tokens=4))
+    exact = run_trajectory(
+        engine,
+        GenerationParams(
+            "a red fox", mode=mode, rounds=2, width=64, height=64, steps=steps, seed=3, max_think_tokens=4
+        ),
+    )
     assert all(s.model_evaluations == 11 and s.forecast_steps == 0 for s in exact.stages if s.stage == "image")

@@ -99,8 +99,16 @@ def test_events_arrive_in_trajectory_order(engine: Engine) -> None:
     result = run_trajectory(engine, small(), on_event=events.append)
     kinds = [e.type for e in events]
     compact = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
-    assert compact == ["thinking.delta", "thinking.done", "image.progress", "image.done",
-                       "reflection.delta", "reflection.done", "image.progress", "image.done"]
+    assert compact == [
+        "thinking.delta",
+        "thinking.done",
+        "image.progress",
+        "image.done",
+        "reflection.delta",
+        "reflection.done",
+        "image.progress",
+        "image.done",
+    ]
     done = [e for e in events if e.type == "image.done"]
     assert [e.data["kind"] for e in done] == ["draft", "final"]
     assert done[0].image.shape == (48, 64, 3) and done[0].image.dtype == np.uint8
@@ -187,11 +195,21 @@ def test_other_model_sizes_and_a_non_square_image(golden_dir: Path) -> None:
     from irg_core.loader import build_dummy
     from irg_core.tokenizer import Tokenizer
 
-    cfg = BagelConfig.from_dict({
-        "llm": {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 3,
-                "intermediate_size": 160, "vocab_size": 151700, "rope_theta": 10000.0},
-        "vit": {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 3, "num_hidden_layers": 3},
-        "vae": {"ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1}})
+    cfg = BagelConfig.from_dict(
+        {
+            "llm": {
+                "hidden_size": 96,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 6,
+                "num_key_value_heads": 3,
+                "intermediate_size": 160,
+                "vocab_size": 151700,
+                "rope_theta": 10000.0,
+            },
+            "vit": {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 3, "num_hidden_layers": 3},
+            "vae": {"ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1},
+        }
+    )
     tok = Tokenizer.from_dir(golden_dir / "model")
     e = Engine(build_dummy(cfg, "cpu", torch.float32, seed=3, tokenizer=tok), page_size=8)
     p = small(width=48, height=112, rounds=3, prompt="Ein Leuchtturm in der Dämmerung, 灯塔 🌅")

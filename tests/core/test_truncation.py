@@ -39,8 +39,10 @@ def test_thought_that_ends_is_not_truncated(engine: Engine, monkeypatch: pytest.
 
     def run_decode(self, steps):  # as if <|im_end|> had come after 3 tokens
         out = real(self, steps)
-        return [(self.tok.special.eos, logits) if s.seq.step == 4 else (token, logits)
-                for s, (token, logits) in zip(steps, out)]
+        return [
+            (self.tok.special.eos, logits) if s.seq.step == 4 else (token, logits)
+            for s, (token, logits) in zip(steps, out)
+        ]
 
     monkeypatch.setattr(Engine, "run_decode", run_decode)
     done, rounds = done_events(engine, small(mode="think", max_think_tokens=5))

@@ -47,31 +47,48 @@ def environ(**extra: str) -> dict[str, str]:
 
 
 def run(env: dict[str, str], argv: list[str] = PRINT_GPU) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=60,
-                          env=environ(**env))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=60, env=environ(**env)
+    )
 
 
 def test_worker_processes_hold_their_gpu(tmp_path: Path) -> None:
     """A running worker keeps its lock through exec; the next container gets the next GPU; one too many fails."""
     env = {"IRG_GPUS": "0,1", "IRG_GPU_LOCK_DIR": str(tmp_path / "locks")}
-    holder = subprocess.Popen([sys.executable, str(SCRIPT), sys.executable, "-c",
-                               "import os, sys, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); "
-                               "sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=environ(**env))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            sys.executable,
+            "-c",
+            "import os, sys, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ(**env),
+    )
     try:
         assert holder.stdout.readline().strip() == "0"
         r = run(env)
         assert r.returncode == 0 and r.stdout.strip() == "1"  # GPU 0 is held; 1 is free again after r exits
         assert "runs on GPU 1 of 2" in r.stderr
-        second = subprocess.Popen([sys.executable, str(SCRIPT), sys.executable, "-c", "import sys; sys.stdin.read()"],
-                                  stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ(**env))
+        second = subprocess.Popen(
+            [sys.executable, str(SCRIPT), sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environ(**env),
+        )
         try:
             _wait_for_lock(tmp_path / "locks" / "gpu-1.lock")
             r = run(env)
             assert r.returncode == 1 and r.stdout == ""
-            assert r.stderr.strip() == (f"irg-claim-gpu: error: all 2 GPUs of this machine are held by other "
-                                        f"workers (locks in {tmp_path / 'locks'}); run at most 2 workers here")
+            assert r.stderr.strip() == (
+                f"irg-claim-gpu: error: all 2 GPUs of this machine are held by other "
+                f"workers (locks in {tmp_path / 'locks'}); run at most 2 workers here"
+            )
         finally:
             second.communicate("", timeout=30)
     finally:
@@ -100,8 +117,9 @@ def test_preset_device_is_respected(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_no_gpu_runs_anyway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_gpu_runs_anyway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     ran = []
     monkeypatch.setattr(claim_gpu, "visible_gpus", lambda env: [])
     monkeypatch.setattr(claim_gpu.os, "execvpe", lambda file, argv, env: ran.append((argv, env)))

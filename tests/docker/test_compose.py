@@ -39,14 +39,20 @@ def test_redis() -> None:
     assert interpolate(redis["ports"][0], {"IRG_REDIS_BIND": "10.0.0.5"}) == "10.0.0.5:6379:6379"
 
 
-@pytest.mark.parametrize(("password", "expected"), [("", "--appendonly yes"),
-                                                    ("s3cret", "--appendonly yes --requirepass s3cret")])
+@pytest.mark.parametrize(
+    ("password", "expected"), [("", "--appendonly yes"), ("s3cret", "--appendonly yes --requirepass s3cret")]
+)
 def test_redis_password_is_optional(password: str, expected: str) -> None:
     argv = SERVICES["redis"]["command"]
     assert argv[:2] == ["sh", "-c"]
     script = interpolate(argv[2], {"IRG_REDIS_PASSWORD": password}).replace("exec redis-server", "echo")
-    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True,
-                         env={"IRG_REDIS_PASSWORD": password, "PATH": "/usr/bin:/bin"}).stdout.strip()
+    out = subprocess.run(
+        ["sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"IRG_REDIS_PASSWORD": password, "PATH": "/usr/bin:/bin"},
+    ).stdout.strip()
     assert out == expected
 
 
@@ -84,8 +90,12 @@ def test_worker_scales_on_gpus() -> None:
 def test_redis_url(env: dict[str, str], password: str | None) -> None:
     url = interpolate(SERVICES["worker"]["environment"]["IRG_REDIS_URL"], env)
     kwargs = parse_url(url)
-    assert (kwargs["host"], kwargs.get("port"), kwargs.get("db"), kwargs.get("password")) == ("redis", 6379, 0,
-                                                                                               password)
+    assert (kwargs["host"], kwargs.get("port"), kwargs.get("db"), kwargs.get("password")) == (
+        "redis",
+        6379,
+        0,
+        password,
+    )
 
 
 def test_remote_worker_is_the_same_worker() -> None:
@@ -124,8 +134,9 @@ def test_one_image_for_all() -> None:
 def irg_commands() -> list[list[str]]:
     """Every `irg ...` command line the container files and docs/deploy.md use, interpolated with defaults."""
     cmds = [exec_form(a) for k, a in instructions() if k == "CMD"]
-    cmds += [s["command"] for doc in (HEAD, REMOTE) for s in doc["services"].values()
-             if s.get("command", [""])[0] == "irg"]
+    cmds += [
+        s["command"] for doc in (HEAD, REMOTE) for s in doc["services"].values() if s.get("command", [""])[0] == "irg"
+    ]
     env = {"IRG_REDIS_URL": "redis://head:6379/0"}
     cmds = [[interpolate(a, env) for a in c] for c in cmds]
     docs = (REPO / "docs" / "deploy.md").read_text("utf-8")
@@ -133,7 +144,7 @@ def irg_commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             if "irg " in line and not line.lstrip().startswith("#"):
                 argv = line.split()
-                tail = argv[argv.index("irg"):] if "irg" in argv else []
+                tail = argv[argv.index("irg") :] if "irg" in argv else []
                 if tail:
                     cmds.append([re.sub(r"<[^>]+>", "x", a) for a in tail])
     return cmds
@@ -147,8 +158,9 @@ def _subcommand_help() -> dict[str, str]:
 
 def test_every_irg_command_exists() -> None:
     """Each command names a sub-command of `irg --help`; built sub-commands also accept all its options."""
-    out = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     listed = set(re.findall(r"^    ([\w-]+)  ", out, re.M))
     assert {"serve", "worker", "weights"} <= listed
     helps = _subcommand_help()

@@ -49,8 +49,11 @@ def test_build_context_holds_what_pip_install_needs() -> None:
     packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     for pattern in packages:
         top = pattern.rstrip("*")
-        sources = {p.relative_to(REPO).as_posix() for p in (REPO / top).rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts}
+        sources = {
+            p.relative_to(REPO).as_posix()
+            for p in (REPO / top).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
         assert sources and sources <= files, sorted(sources - files)
     for source in (a.split()[0] for a in _all("COPY") if not a.startswith("--")):
         assert source == "." or source in files, source
@@ -95,8 +98,19 @@ def test_gpu_claim_entrypoint_is_installed() -> None:
 
 def test_instruction_parser() -> None:
     assert DOCKERFILE.is_file()
-    assert {k for k, _ in instructions()} <= {"ARG", "FROM", "ENV", "WORKDIR", "COPY", "RUN", "USER", "VOLUME",
-                                              "EXPOSE", "HEALTHCHECK", "CMD"}
+    assert {k for k, _ in instructions()} <= {
+        "ARG",
+        "FROM",
+        "ENV",
+        "WORKDIR",
+        "COPY",
+        "RUN",
+        "USER",
+        "VOLUME",
+        "EXPOSE",
+        "HEALTHCHECK",
+        "CMD",
+    }
 
 
 def test_dockerignore_matcher() -> None:

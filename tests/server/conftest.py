@@ -31,8 +31,16 @@ def runner(demo_dir: Path) -> Any:
 @pytest.fixture
 def settings() -> Settings:
     """Settings with a private Redis prefix and quick timers (no environment needed)."""
-    return Settings(redis_url=None, redis_prefix=f"irgtest:{uuid.uuid4().hex[:12]}", lease_s=3.0, heartbeat_s=0.5,
-                    cancel_poll_s=0.05, wait_timeout_s=20.0, result_ttl_s=600, drain_s=5.0)
+    return Settings(
+        redis_url=None,
+        redis_prefix=f"irgtest:{uuid.uuid4().hex[:12]}",
+        lease_s=3.0,
+        heartbeat_s=0.5,
+        cancel_poll_s=0.05,
+        wait_timeout_s=20.0,
+        result_ttl_s=600,
+        drain_s=5.0,
+    )
 
 
 @pytest.fixture
@@ -70,5 +78,3 @@ def serve(settings: Settings, runner: Any) -> Iterator[Callable[..., LiveServer]
     yield make
     for server in live:
         server.__exit__()
-
-

@@ -102,8 +102,18 @@ class FakeRunner:
                 time.sleep(self.step_s)
                 on_event(EngineEvent("image.progress", {"round": k, "step": step, "steps": 2}))
             image = np.full((params.height, params.width, 3), 30 * k, dtype=np.uint8)
-            on_event(EngineEvent("image.done", {"round": k, "kind": "final" if k == n else "draft",
-                                                "width": params.width, "height": params.height}, image=image))
+            on_event(
+                EngineEvent(
+                    "image.done",
+                    {
+                        "round": k,
+                        "kind": "final" if k == n else "draft",
+                        "width": params.width,
+                        "height": params.height,
+                    },
+                    image=image,
+                )
+            )
         return TrajectoryResult(params, stages=[StageTiming("image", 1, 0.001, steps=2)], total_seconds=0.002)
 
     def submit(self, params: GenerationParams, on_event: Any, should_cancel: Any, images: Any = ()) -> FakeHandle:
@@ -152,9 +162,14 @@ class FakeRunner:
             time.sleep(self.step_s)
             on_event(EngineEvent("answer.delta", {"text": w}))
         on_event(EngineEvent("answer.done", {"text": "".join(words), "tokens": len(words)}))
-        return UnderstandingResult(params, token_ids=list(range(len(words))), text="".join(words),
-                                   stages=[StageTiming("answer", 0, 0.001, tokens=len(words))], total_seconds=0.002,
-                                   context_length=10)
+        return UnderstandingResult(
+            params,
+            token_ids=list(range(len(words))),
+            text="".join(words),
+            stages=[StageTiming("answer", 0, 0.001, tokens=len(words))],
+            total_seconds=0.002,
+            context_length=10,
+        )
 
     def memory(self) -> dict[str, int]:
         return {}
@@ -173,8 +188,7 @@ class LiveServer:
     def __init__(self, app: Any):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -197,5 +211,3 @@ def replace_settings(settings: Settings, **overrides: Any) -> Settings:
 
 def python_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "server.cli", *args]
-
-

@@ -27,8 +27,18 @@ def test_four_irg_jobs_run_concurrently_and_match_their_solo_results(serve: Any,
     engine = Engine(load_model(golden_dir / "model", "cpu"), page_size=16)
     runner = EngineRunner(engine, model="golden-a")
     server = serve(use_runner=runner, max_active=4)
-    bodies = [{"prompt": f"A lighthouse number {i}", "mode": "irg", "width": 64, "height": 64, "steps": 4,
-               "seed": 10 + i, "thinking": {"max_tokens": 6, "temperature": 0.0}} for i in range(4)]
+    bodies = [
+        {
+            "prompt": f"A lighthouse number {i}",
+            "mode": "irg",
+            "width": 64,
+            "height": 64,
+            "steps": 4,
+            "seed": 10 + i,
+            "thinking": {"max_tokens": 6, "temperature": 0.0},
+        }
+        for i in range(4)
+    ]
     with server.client() as c:
         answers = [c.post("/v1/generations", json=b) for b in bodies]
         assert all(a.status_code in (200, 201, 202) for a in answers), answers[0].text
@@ -41,8 +51,9 @@ def test_four_irg_jobs_run_concurrently_and_match_their_solo_results(serve: Any,
     # every job started before any job completed
     assert max(r["started_at"] for r in records) < min(r["finished_at"] for r in records), records
     for body, final in zip(bodies, finals):
-        params = GenerationParams(**{k: v for k, v in body.items() if k != "thinking"}, max_think_tokens=6,
-                                  temperature=0.0)
+        params = GenerationParams(
+            **{k: v for k, v in body.items() if k != "thinking"}, max_think_tokens=6, temperature=0.0
+        )
         alone = run_trajectory(engine, params)
         assert np.abs(_png(final) - alone.rounds[-1].image.astype(int)).max() <= 1
     assert readyz["free_capacity"] == 4 and readyz["capacity"][0]["capacity"] == 4

@@ -18,8 +18,13 @@ def resolve(settings: Settings, **request: object) -> dict:
 def test_defaults_come_from_irg_core(settings: Settings) -> None:
     p = resolve(settings)
     core = GenerationParams(prompt="a fox").resolved()
-    assert (p["mode"], p["rounds"], p["width"], p["height"], p["steps"]) == (core.mode, core.rounds, core.width,
-                                                                             core.height, core.steps)
+    assert (p["mode"], p["rounds"], p["width"], p["height"], p["steps"]) == (
+        core.mode,
+        core.rounds,
+        core.width,
+        core.height,
+        core.steps,
+    )
     assert p["thinking"] == {"max_tokens": core.max_think_tokens, "temperature": core.temperature}
     assert p["guidance"][0]["text_scale"] == FIRST_ROUND.text_scale == 4.0
     assert p["guidance"][0]["interval"] == [0.4, 1.0] and p["guidance"][0]["renorm"] == "global"
@@ -43,12 +48,16 @@ def test_modes_with_one_image(settings: Settings) -> None:
 
 
 def test_deployment_limits(settings: Settings) -> None:
-    small = settings.model_copy(update={"max_side": 256, "max_steps": 20, "max_think_tokens": 64,
-                                        "max_prompt_chars": 10})
+    small = settings.model_copy(
+        update={"max_side": 256, "max_steps": 20, "max_think_tokens": 64, "max_prompt_chars": 10}
+    )
     capped = resolve(small)  # defaults left out are capped by this deployment's limits
     assert (capped["width"], capped["steps"], capped["thinking"]["max_tokens"]) == (256, 20, 64)
-    for request, field in (({"width": 512}, "width"), ({"steps": 30}, "steps"),
-                           ({"thinking": {"max_tokens": 100}}, "thinking.max_tokens")):
+    for request, field in (
+        ({"width": 512}, "width"),
+        ({"steps": 30}, "steps"),
+        ({"thinking": {"max_tokens": 100}}, "thinking.max_tokens"),
+    ):
         with pytest.raises(RequestError) as info:
             resolve(small, **request)
         assert info.value.field == field
@@ -63,8 +72,9 @@ def test_record_round_trips_through_fields(settings: Settings) -> None:
     assert back == job
 
 
-@pytest.mark.parametrize(("rounds", "names"), [(2, ["draft", "final"]), (3, ["round-1", "round-2", "final"]),
-                                               (1, ["final"])])
+@pytest.mark.parametrize(
+    ("rounds", "names"), [(2, ["draft", "final"]), (3, ["round-1", "round-2", "final"]), (1, ["final"])]
+)
 def test_image_names(rounds: int, names: list[str]) -> None:
     assert [image_name(k, rounds) for k in range(1, rounds + 1)] == names
     for k, name in enumerate(names, 1):

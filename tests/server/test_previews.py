@@ -17,8 +17,15 @@ from server.settings import Settings
 from server.worker import WorkerThread
 from tests.server.serverkit import LiveServer, read_stream, sse_events, wait_until
 
-JOB = {"prompt": "a lighthouse at dusk", "mode": "irg", "width": 256, "height": 256, "steps": 10,
-       "thinking": {"max_tokens": 6}, "previews": 4}
+JOB = {
+    "prompt": "a lighthouse at dusk",
+    "mode": "irg",
+    "width": 256,
+    "height": 256,
+    "steps": 10,
+    "thinking": {"max_tokens": 6},
+    "previews": 4,
+}
 
 
 @pytest.fixture
@@ -149,8 +156,14 @@ def test_a_resumed_stream_says_so_on_redis(serve_redis: Any) -> None:
 def test_openai_partial_images_beyond_the_drafts_are_previews(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        body = {"prompt": "a lighthouse at dusk", "size": "128x64", "stream": True, "partial_images": 3,
-                "steps": 10, "thinking": {"max_tokens": 6}}
+        body = {
+            "prompt": "a lighthouse at dusk",
+            "size": "128x64",
+            "stream": True,
+            "partial_images": 3,
+            "steps": 10,
+            "thinking": {"max_tokens": 6},
+        }
         events = read_stream(c, "POST", "/v1/images/generations", live=True, json=body)
         kinds = [e["event"] for e in events]
         assert kinds == ["image_generation.partial_image"] * 3 + ["image_generation.completed"], kinds
@@ -162,27 +175,48 @@ def test_openai_partial_images_beyond_the_drafts_are_previews(serve: Any) -> Non
             image = Image.open(io.BytesIO(base64.b64decode(p["b64_json"])))
             assert image.format == "PNG" and image.size == (128, 64)
         # without partial_images: the drafts only, as before
-        events = read_stream(c, "POST", "/v1/images/generations", live=True,
-                             json={k: v for k, v in body.items() if k != "partial_images"})
+        events = read_stream(
+            c,
+            "POST",
+            "/v1/images/generations",
+            live=True,
+            json={k: v for k, v in body.items() if k != "partial_images"},
+        )
         assert [e["event"] for e in events] == ["image_generation.partial_image", "image_generation.completed"]
 
 
 def test_step_cache_through_the_api_reports_its_counts(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        body = {"prompt": "a boat", "mode": "direct", "width": 64, "height": 64, "steps": 12, "previews": 0,
-                "cache": {"method": "taylorseer"}, "wait": True}
+        body = {
+            "prompt": "a boat",
+            "mode": "direct",
+            "width": 64,
+            "height": 64,
+            "steps": 12,
+            "previews": 0,
+            "cache": {"method": "taylorseer"},
+            "wait": True,
+        }
         job = c.post("/v1/generations", json=body).json()
         assert job["status"] == "succeeded", job
-        assert job["params"]["cache"] == {"method": "taylorseer", "fresh_threshold": 3, "first_enhance": 5,
-                                          "max_order": 6}
+        assert job["params"]["cache"] == {
+            "method": "taylorseer",
+            "fresh_threshold": 3,
+            "first_enhance": 5,
+            "max_order": 6,
+        }
         (image,) = [s for s in job["timings"]["stages"] if s["stage"] == "image"]
         # 11 steps: full at 0-4, 7, 10 (7), forecast at 5, 6, 8, 9 (4)
         assert (image["steps"], image["model_evaluations"], image["forecast_steps"]) == (11, 7, 4)
         exact = c.post("/v1/generations", json={**body, "cache": None}).json()
         (image,) = [s for s in exact["timings"]["stages"] if s["stage"] == "image"]
         assert exact["params"]["cache"] is None and (image["model_evaluations"], image["forecast_steps"]) == (11, 0)
-        for bad, name in (({"method": "fora"}, "method"), ({"method": "taylorseer", "max_order": 11}, "max_order"),
-                          ({"method": "taylorseer", "fresh_ratio": 0.5}, "fresh_ratio"), ({}, "method")):
+        for bad, name in (
+            ({"method": "fora"}, "method"),
+            ({"method": "taylorseer", "max_order": 11}, "max_order"),
+            ({"method": "taylorseer", "fresh_ratio": 0.5}, "fresh_ratio"),
+            ({}, "method"),
+        ):
             r = c.post("/v1/generations", json={**body, "cache": bad})
             assert r.status_code == 422 and name in r.text, (bad, r.text)

@@ -16,8 +16,15 @@ from tests.server.serverkit import sse_events
 @pytest.mark.parametrize("when", ["decode", "reencode"])
 def test_cancel_during_the_vae_stops_within_a_second(serve: Any, when: str) -> None:
     server = serve()
-    body = {"prompt": "A lighthouse on a cliff", "mode": "irg", "width": 512, "height": 512, "steps": 3,
-            "thinking": {"max_tokens": 4, "temperature": 0.0}, "previews": 0}
+    body = {
+        "prompt": "A lighthouse on a cliff",
+        "mode": "irg",
+        "width": 512,
+        "height": 512,
+        "steps": 3,
+        "thinking": {"max_tokens": 4, "temperature": 0.0},
+        "previews": 0,
+    }
     with server.client() as c:
         job = c.post("/v1/generations", json=body).json()["id"]
         events: list[tuple[float, str, dict]] = []

@@ -36,8 +36,18 @@ class Workers:
     def start(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ, IRG_REDIS_PREFIX=self.s.redis_prefix, **WORKER_ENV)
         log = (self.logs / f"{name}.log").open("wb")
-        cmd = python_cmd("worker", "--redis", str(self.s.redis_url), "--name", name, "--model-dir",
-                         str(self.demo_dir), "--device", "cpu", *extra)
+        cmd = python_cmd(
+            "worker",
+            "--redis",
+            str(self.s.redis_url),
+            "--name",
+            name,
+            "--model-dir",
+            str(self.demo_dir),
+            "--device",
+            "cpu",
+            *extra,
+        )
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
@@ -82,8 +92,14 @@ def test_kill_9_of_the_busy_worker_the_job_still_succeeds(redis_settings: Settin
         pool.start(name)
     with LiveServer(create_app(redis_settings)) as server, server.client() as c:
         wait_until(lambda: ready_workers(c) == 2, timeout=60)
-        body = {"prompt": "a lighthouse in a storm", "width": 384, "height": 384, "steps": 30,
-                "thinking": {"max_tokens": 64}, "stream": True}
+        body = {
+            "prompt": "a lighthouse in a storm",
+            "width": 384,
+            "height": 384,
+            "steps": 30,
+            "thinking": {"max_tokens": 64},
+            "stream": True,
+        }
         events, killed = [], None
         with c.stream("POST", "/v1/generations", json=body) as r:  # one connection, across the kill
             for event in sse_events(r.iter_lines()):
@@ -117,9 +133,26 @@ class OwnRedis:
 
     def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                                      str(self.dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-                                      "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         wait_until(lambda: _pings(self.url), timeout=10)
 
     def stop(self) -> None:
@@ -163,8 +196,10 @@ def test_redis_restart_under_a_running_api(redis_settings: Settings, own_redis: 
         own_redis.start()
         wait_until(lambda: c.get("/readyz").status_code == 200, timeout=30)
         jobs.append(c.post("/v1/generations", json=body).json()["id"])
-        wait_until(lambda: all(c.get(f"/v1/generations/{j}").json()["status"] in ("succeeded", "failed")
-                               for j in jobs), timeout=60)
+        wait_until(
+            lambda: all(c.get(f"/v1/generations/{j}").json()["status"] in ("succeeded", "failed") for j in jobs),
+            timeout=60,
+        )
         assert [c.get(f"/v1/generations/{j}").json()["status"] for j in jobs] == ["succeeded"] * 4
         events = [e["event"] for e in read_stream(c, "GET", f"/v1/generations/{jobs[-1]}/events")]
         assert events[0] == "queued" and events[-1] == "completed"
@@ -183,8 +218,9 @@ def test_200_concurrent_submissions_against_a_bound_of_10(redis_settings: Settin
         async def burst() -> list[httpx.Response]:
             limits = httpx.Limits(max_connections=200)
             async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as ac:
-                return await asyncio.gather(*(ac.post("/v1/generations", json={"prompt": f"p{i}", **TINY})
-                                              for i in range(200)))
+                return await asyncio.gather(
+                    *(ac.post("/v1/generations", json={"prompt": f"p{i}", **TINY}) for i in range(200))
+                )
 
         answers = asyncio.run(burst())
         codes = [r.status_code for r in answers]
@@ -193,8 +229,11 @@ def test_200_concurrent_submissions_against_a_bound_of_10(redis_settings: Settin
         assert len(accepted) >= 10
         assert all(int(r.headers["retry-after"]) > 0 for r in answers if r.status_code == 429)
         with server.client() as c:
-            wait_until(lambda: all(c.get(f"/v1/generations/{j}").json()["status"] == "succeeded"
-                                   for j in accepted), timeout=90, interval=0.5)
+            wait_until(
+                lambda: all(c.get(f"/v1/generations/{j}").json()["status"] == "succeeded" for j in accepted),
+                timeout=90,
+                interval=0.5,
+            )
             api_metrics = c.get("/metrics").text
         assert "irg_workers_alive 2.0" in api_metrics and "irg_queue_depth 0.0" in api_metrics
         assert 'irg_jobs_rejected_total{reason="queue_full"}' in api_metrics

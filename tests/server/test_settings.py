@@ -17,9 +17,16 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(s.model_dir) == "/models/bagel" and s.worker_ttl_s == 3 * s.heartbeat_s
 
 
-@pytest.mark.parametrize(("name", "value"), [("IRG_QUEUE_MAX", "0"), ("IRG_MAX_SIDE", "1000"),
-                                             ("IRG_MAX_SIDE", "2048"), ("IRG_API_KEYS", "short"),
-                                             ("IRG_REDIS_PREFIX", "bad prefix")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IRG_QUEUE_MAX", "0"),
+        ("IRG_MAX_SIDE", "1000"),
+        ("IRG_MAX_SIDE", "2048"),
+        ("IRG_API_KEYS", "short"),
+        ("IRG_REDIS_PREFIX", "bad prefix"),
+    ],
+)
 def test_bad_values_fail_at_startup(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError):

@@ -24,8 +24,16 @@ from tests.server.serverkit import FakeRunner, wait_until
 
 
 def submit(queue: Any, settings: Settings, image_b64: bool = False, **request: Any) -> JobRecord:
-    req = GenerateRequest(**{"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4,
-                             "thinking": {"max_tokens": 8}, **request})
+    req = GenerateRequest(
+        **{
+            "prompt": "a lighthouse at dusk",
+            "width": 64,
+            "height": 64,
+            "steps": 4,
+            "thinking": {"max_tokens": 8},
+            **request,
+        }
+    )
     job = new_job(build_params(req, req.prompt, req.width, req.height, settings), "", image_b64)
     asyncio.run(queue.submit(job))
     return job
@@ -60,11 +68,23 @@ def test_irg_job_publishes_every_stage_in_order(memq: MemoryQueue, settings: Set
     done = run_next(memq, worker)
     got = events(memq, job.id)
     assert collapse([t for t, _ in got]) == [
-        "queued", "started", "thinking.delta", "thinking.done", "image.progress", "image.done",
-        "reflection.delta", "reflection.done", "image.progress", "image.done", "completed"]
+        "queued",
+        "started",
+        "thinking.delta",
+        "thinking.done",
+        "image.progress",
+        "image.done",
+        "reflection.delta",
+        "reflection.done",
+        "image.progress",
+        "image.done",
+        "completed",
+    ]
     images = [d for t, d in got if t == "image.done"]
-    assert [(d["round"], d["kind"], d["width"], d["height"]) for d in images] == [(1, "draft", 64, 48),
-                                                                                 (2, "final", 64, 48)]
+    assert [(d["round"], d["kind"], d["width"], d["height"]) for d in images] == [
+        (1, "draft", 64, 48),
+        (2, "final", 64, 48),
+    ]
     assert images[0]["url"].endswith("/images/draft") and images[1]["url"].endswith("/images/final")
     assert all(d["job_id"] == job.id for _, d in got)
     for k in (1, 2):
@@ -81,12 +101,19 @@ def test_irg_job_publishes_every_stage_in_order(memq: MemoryQueue, settings: Set
     assert metrics.JOBS.labels("irg", "succeeded", "none")._value.get() == before + 1
 
 
-@pytest.mark.parametrize(("mode", "expected"), [
-    ("think", ["queued", "started", "thinking.delta", "thinking.done", "image.progress", "image.done", "completed"]),
-    ("direct", ["queued", "started", "image.progress", "image.done", "completed"]),
-])
-def test_think_and_direct_modes(memq: MemoryQueue, settings: Settings, runner: Any, mode: str,
-                                expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        (
+            "think",
+            ["queued", "started", "thinking.delta", "thinking.done", "image.progress", "image.done", "completed"],
+        ),
+        ("direct", ["queued", "started", "image.progress", "image.done", "completed"]),
+    ],
+)
+def test_think_and_direct_modes(
+    memq: MemoryQueue, settings: Settings, runner: Any, mode: str, expected: list[str]
+) -> None:
     worker = Worker(memq, settings, "w")
     worker.runner = runner
     job = submit(memq, settings, mode=mode)
@@ -129,10 +156,12 @@ def test_a_bad_job_fails_alone(memq: MemoryQueue, settings: Settings, runner: An
     assert run_next(memq, worker).status == "succeeded"
 
 
-@pytest.mark.parametrize(("error", "code"), [(RuntimeError("boom"), "internal_error"),
-                                             (MemoryError("no room"), "out_of_memory")])
-def test_exceptions_fail_the_job_not_the_worker(memq: MemoryQueue, settings: Settings, error: Exception,
-                                                code: str) -> None:
+@pytest.mark.parametrize(
+    ("error", "code"), [(RuntimeError("boom"), "internal_error"), (MemoryError("no room"), "out_of_memory")]
+)
+def test_exceptions_fail_the_job_not_the_worker(
+    memq: MemoryQueue, settings: Settings, error: Exception, code: str
+) -> None:
     worker = Worker(memq, settings, "w")
     worker.runner = FakeRunner(fail=error)
     submit(memq, settings)

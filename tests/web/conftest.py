@@ -33,8 +33,9 @@ class Server:
     log: Path
     key: str | None = None
 
-    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None,
-                timeout: float = 30) -> tuple[int, bytes, dict]:
+    def request(
+        self, method: str, path: str, body: dict | None = None, headers: dict | None = None, timeout: float = 30
+    ) -> tuple[int, bytes, dict]:
         """One HTTP request (with the server's API key, if any): status, body bytes, headers."""
         data = json.dumps(body).encode() if body is not None else None
         h = {"Content-Type": "application/json", **(headers or {})}
@@ -78,8 +79,13 @@ def start_server(home: Path, name: str, **settings: str) -> Server:
     env.update({"IRG_HOME": str(home), "PYTHONPATH": str(ROOT), **{f"IRG_{k.upper()}": v for k, v in settings.items()}})
     log = home / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--no-access-log"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--no-access-log"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = Server(f"http://127.0.0.1:{port}", proc, log, settings.get("api_keys"))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -140,12 +146,23 @@ def browser() -> Iterator[object]:
     chromium = _which("IRG_TEST_CHROMIUM", "chromium", "chromium-browser")
     driver_path = _which("IRG_TEST_CHROMEDRIVER", "chromedriver")
     if not chromium or not driver_path:
-        pytest.fail("the browser test needs Debian's `chromium` and `chromium-driver` packages "
-                    f"(found chromium={chromium}, chromedriver={driver_path})", pytrace=False)
+        pytest.fail(
+            "the browser test needs Debian's `chromium` and `chromium-driver` packages "
+            f"(found chromium={chromium}, chromedriver={driver_path})",
+            pytrace=False,
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--force-device-scale-factor=1", "--lang=en-US", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--force-device-scale-factor=1",
+        "--lang=en-US",
+        "--hide-scrollbars",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:

@@ -7,8 +7,13 @@ from selenium.webdriver.support.ui import Select
 
 from tests.web.test_page import fill, open_page, report, wait_for, wait_until_ended
 
-FIELDS = {"width": "width", "height": "height", "steps": "steps", "max_tokens": "max_think_tokens",
-          "temperature": "temperature"}
+FIELDS = {
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "max_tokens": "max_think_tokens",
+    "temperature": "temperature",
+}
 
 
 def values(browser) -> dict[str, float]:
@@ -24,8 +29,12 @@ def test_form_follows_the_servers_defaults_per_mode(browser, server) -> None:
     assert defaults["modes"]["irg"]["temperature"] == 0.3 and defaults["modes"]["think"]["temperature"] == 0.0
     open_page(browser, server)
     want = expected(defaults, "irg")
-    wait_for(browser, f"return document.getElementById('temperature').value === '{want['temperature']:g}'",
-             "the irg defaults", 30)
+    wait_for(
+        browser,
+        f"return document.getElementById('temperature').value === '{want['temperature']:g}'",
+        "the irg defaults",
+        30,
+    )
     assert values(browser) == want
     steps = browser.find_element(By.ID, "steps")
     steps.clear()
@@ -43,7 +52,8 @@ def test_a_thought_cut_by_the_limit_says_so(browser, server) -> None:
     done = [data for _, event, data in server.events(s["jobId"]) if event in ("thinking.done", "reflection.done")]
     assert [d["truncated"] for d in done] == [True, True]
     cut = browser.execute_script(
-        "return [...document.querySelectorAll('.thought-text')].map((el) => el.hasAttribute('data-truncated'))")
+        "return [...document.querySelectorAll('.thought-text')].map((el) => el.hasAttribute('data-truncated'))"
+    )
     assert cut == [True, True]
     job = server.json("GET", f"/v1/generations/{s['jobId']}")
     assert [t["truncated"] for t in job["texts"]] == [True, True]

@@ -44,8 +44,13 @@ def test_edit_an_uploaded_image(browser, server, artifacts, tmp_path: Path) -> N
     browser.find_element(By.ID, "submit").click()
     s = wait_until_ended(browser)
     assert s["status"] == "succeeded", report(browser)
-    wait_for(browser, "return [...document.querySelectorAll('#rounds-view img')].filter("
-             "(i) => !i.hidden && i.complete && i.naturalWidth > 0).length === 3", "the input, draft and final", 60)
+    wait_for(
+        browser,
+        "return [...document.querySelectorAll('#rounds-view img')].filter("
+        "(i) => !i.hidden && i.complete && i.naturalWidth > 0).length === 3",
+        "the input, draft and final",
+        60,
+    )
     cards = browser.execute_script("""
         return [...document.querySelectorAll('#rounds-view > .round')].map((card) => {
           const img = card.querySelector('img');

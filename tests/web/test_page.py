@@ -79,8 +79,9 @@ def state(browser) -> dict:
 
 
 def wait_until_ended(browser) -> dict:
-    wait_for(browser, f"const s = window.irgDebug.state; return s && {list(TERMINAL)}.includes(s.status)",
-             "the job to end")
+    wait_for(
+        browser, f"const s = window.irgDebug.state; return s && {list(TERMINAL)}.includes(s.status)", "the job to end"
+    )
     return state(browser)
 
 
@@ -109,11 +110,16 @@ def wait_job_status(server: Server, job_id: str, statuses: tuple[str, ...], time
 
 def save_full_page(browser, path) -> None:
     height, chrome = browser.execute_script(
-        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]")
+        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]"
+    )
     browser.set_window_size(1400, max(1000, height + chrome))  # the whole page, nothing cut off
     try:
-        wait_for(browser, "return document.documentElement.clientHeight >= document.documentElement.scrollHeight",
-                 "the window to fit the page", 10)
+        wait_for(
+            browser,
+            "return document.documentElement.clientHeight >= document.documentElement.scrollHeight",
+            "the window to fit the page",
+            10,
+        )
         assert browser.save_screenshot(str(path)), "the browser could not take a screenshot"
     finally:
         browser.set_window_size(1400, 1000)
@@ -130,9 +136,13 @@ def test_full_trajectory_renders(browser, server, artifacts):
 
     s = wait_until_ended(browser)
     assert s["status"] == "succeeded", report(browser)
-    wait_for(browser, "return document.querySelectorAll('#rounds-view img:not([hidden])').length === 2 && "
-             "[...document.querySelectorAll('#rounds-view img')].every((i) => i.complete && i.naturalWidth > 0)",
-             "both images to load", 30)
+    wait_for(
+        browser,
+        "return document.querySelectorAll('#rounds-view img:not([hidden])').length === 2 && "
+        "[...document.querySelectorAll('#rounds-view img')].every((i) => i.complete && i.naturalWidth > 0)",
+        "both images to load",
+        30,
+    )
     images = loaded_images(browser)
     assert [(i["round"], i["kind"]) for i in images] == [("1", "draft"), ("2", "final")]
     assert all(i["width"] == 64 and i["height"] == 64 for i in images), images
@@ -194,15 +204,24 @@ def test_stream_resumes_without_losing_or_repeating_events(browser, server):
     for key, whole in s["texts"].items():
         assert s["deltas"][key] == whole, f"{key}: the streamed pieces differ from the whole text"
     assert s["mismatches"] == 0
-    wait_for(browser, "return [...document.querySelectorAll('#rounds-view img')]"
-             ".filter((i) => i.complete && i.naturalWidth > 0).length === 2", "both images to load", 30)
+    wait_for(
+        browser,
+        "return [...document.querySelectorAll('#rounds-view img')]"
+        ".filter((i) => i.complete && i.naturalWidth > 0).length === 2",
+        "both images to load",
+        30,
+    )
 
     # A reload comes back to the job named in the address and replays its whole stream.
     assert browser.current_url.endswith("#" + s["jobId"])
     browser.refresh()
-    wait_for(browser, "const s = window.irgDebug?.state; return s && s.status === 'succeeded' && "
-             "[...document.querySelectorAll('#rounds-view img')].filter((i) => i.naturalWidth > 0).length === 2",
-             "the reloaded page to show the job again", 30)
+    wait_for(
+        browser,
+        "const s = window.irgDebug?.state; return s && s.status === 'succeeded' && "
+        "[...document.querySelectorAll('#rounds-view img')].filter((i) => i.naturalWidth > 0).length === 2",
+        "the reloaded page to show the job again",
+        30,
+    )
     again = state(browser)
     assert again["jobId"] == s["jobId"] and again["posts"] == 0 and again["texts"] == s["texts"]
     assert text_of(browser, ".round[data-round='1'] .thought-text") == s["texts"]["thinking-1"]
@@ -212,8 +231,12 @@ def test_cancel_stops_a_running_job(browser, server):
     open_page(browser, server)
     fill(browser, **LONG)
     browser.find_element(By.ID, "submit").click()
-    wait_for(browser, "const s = window.irgDebug.state; return s && s.status === 'running' && "
-             "s.events.some((e) => e.type === 'thinking.delta')", "the job to run")
+    wait_for(
+        browser,
+        "const s = window.irgDebug.state; return s && s.status === 'running' && "
+        "s.events.some((e) => e.type === 'thinking.delta')",
+        "the job to run",
+    )
     browser.find_element(By.ID, "cancel").click()
 
     s = wait_until_ended(browser)
@@ -237,8 +260,12 @@ def test_invalid_input_is_explained_in_words(browser, server):
 
     browser.execute_script("window.irgDebug.validate = false")  # let the server judge it
     browser.find_element(By.ID, "submit").click()
-    wait_for(browser, "return document.getElementById('form-error').textContent.includes('server refused')",
-             "the server's 422", 30)
+    wait_for(
+        browser,
+        "return document.getElementById('form-error').textContent.includes('server refused')",
+        "the server's 422",
+        30,
+    )
     text = browser.find_element(By.ID, "form-error").text
     assert re.search(r"The server refused the request\. Width: .*multiple of 16", text), text
     assert width.get_attribute("aria-invalid") == "true"
@@ -246,8 +273,13 @@ def test_invalid_input_is_explained_in_words(browser, server):
 
 
 def test_full_queue_and_queue_position_are_shown(browser, server):
-    body = {"prompt": "keeps the worker busy", "width": HUGE["width"], "height": HUGE["height"],
-            "steps": HUGE["steps"], "thinking": {"max_tokens": HUGE["max_tokens"]}}
+    body = {
+        "prompt": "keeps the worker busy",
+        "width": HUGE["width"],
+        "height": HUGE["height"],
+        "steps": HUGE["steps"],
+        "thinking": {"max_tokens": HUGE["max_tokens"]},
+    }
     running = server.json("POST", "/v1/generations", body)["id"]
     waiting = None
     try:
@@ -257,8 +289,12 @@ def test_full_queue_and_queue_position_are_shown(browser, server):
         open_page(browser, server)
         fill(browser, **SMALL)
         browser.find_element(By.ID, "submit").click()
-        wait_for(browser, "return document.getElementById('form-error').textContent.includes('queue is full')",
-                 "the 429 to be shown", 30)
+        wait_for(
+            browser,
+            "return document.getElementById('form-error').textContent.includes('queue is full')",
+            "the 429 to be shown",
+            30,
+        )
         text = browser.find_element(By.ID, "form-error").text
         assert re.fullmatch(r"The queue is full\. Retry in [1-3] s\.", text), text
         assert not browser.find_element(By.ID, "submit").is_enabled(), "Generate is enabled during Retry-After"
@@ -267,8 +303,12 @@ def test_full_queue_and_queue_position_are_shown(browser, server):
         wait_for(browser, "return !document.getElementById('submit').disabled", "Retry-After to pass", 15)
         assert "Try again now" in browser.find_element(By.ID, "form-error").text
         browser.find_element(By.ID, "submit").click()
-        wait_for(browser, "return document.getElementById('status').textContent === 'Queued: position 1.'",
-                 "the queue position", 30)
+        wait_for(
+            browser,
+            "return document.getElementById('status').textContent === 'Queued: position 1.'",
+            "the queue position",
+            30,
+        )
         browser.find_element(By.ID, "cancel").click()  # a queued job never runs
         s = wait_until_ended(browser)
         assert s["status"] == "cancelled" and [e["type"] for e in s["events"]] == ["queued", "cancelled"]
@@ -285,16 +325,25 @@ def test_api_key_and_failed_job(browser, keyed_server):
     wait_for(browser, "return !document.getElementById('key-field').hidden", "the API key field", 10)
     fill(browser, **SMALL)
     browser.find_element(By.ID, "submit").click()
-    wait_for(browser, "return document.getElementById('form-error').textContent.includes('API key')",
-             "the 401 to be shown", 30)
+    wait_for(
+        browser,
+        "return document.getElementById('form-error').textContent.includes('API key')",
+        "the 401 to be shown",
+        30,
+    )
     assert key.get_attribute("aria-invalid") == "true"
 
     key.send_keys(API_KEY)
     browser.find_element(By.ID, "submit").click()
     s = wait_until_ended(browser)
     assert s["status"] == "succeeded", report(browser)
-    wait_for(browser, "return [...document.querySelectorAll('#rounds-view img')]"
-             ".filter((i) => i.complete && i.naturalWidth > 0).length === 2", "both images to load", 30)
+    wait_for(
+        browser,
+        "return [...document.querySelectorAll('#rounds-view img')]"
+        ".filter((i) => i.complete && i.naturalWidth > 0).length === 2",
+        "both images to load",
+        30,
+    )
     assert all(i["src"].startswith("blob:") for i in loaded_images(browser)), "images not fetched with the key"
 
     fill(browser, **HUGE)  # runs longer than the server's 20 s job timeout
@@ -342,11 +391,14 @@ def test_the_image_forms_in_place_while_it_is_denoised(browser, server, artifact
     fill(browser, width=256, height=256, steps=40, max_tokens=8)
     browser.find_element(By.ID, "submit").click()
     card = ".round[data-round='1']"
-    wait_for(browser, f"const c = document.querySelector(\"{card}\"); const i = c && c.querySelector('img');"
-             "return i && !i.hidden && i.classList.contains('preview') && i.src.startsWith('data:image/jpeg') && "
-             "i.complete && i.naturalWidth === 256 && !c.classList.contains('has-image')",
-             "a preview of round 1 while it is denoised")
-    step = int(browser.execute_script(f"return document.querySelector(\"{card}\").dataset.previewStep"))
+    wait_for(
+        browser,
+        f"const c = document.querySelector(\"{card}\"); const i = c && c.querySelector('img');"
+        "return i && !i.hidden && i.classList.contains('preview') && i.src.startsWith('data:image/jpeg') && "
+        "i.complete && i.naturalWidth === 256 && !c.classList.contains('has-image')",
+        "a preview of round 1 while it is denoised",
+    )
+    step = int(browser.execute_script(f'return document.querySelector("{card}").dataset.previewStep'))
     assert 1 <= step < 39, step
     path = artifacts / "forming.png"
     path.unlink(missing_ok=True)
@@ -358,6 +410,11 @@ def test_the_image_forms_in_place_while_it_is_denoised(browser, server, artifact
     assert s["status"] == "succeeded", report(browser)
     assert s["previews"] >= 4, s.get("previews")
     assert all(e["id"] for e in s["events"]), "a live event was recorded as a durable one"
-    wait_for(browser, "const imgs = [...document.querySelectorAll('#rounds-view img')];"
-             "return imgs.length === 2 && imgs.every((i) => !i.classList.contains('preview') && "
-             "i.src.startsWith('blob:') && i.complete && i.naturalWidth === 256)", "the finished images", 30)
+    wait_for(
+        browser,
+        "const imgs = [...document.querySelectorAll('#rounds-view img')];"
+        "return imgs.length === 2 && imgs.every((i) => !i.classList.contains('preview') && "
+        "i.src.startsWith('blob:') && i.complete && i.naturalWidth === 256)",
+        "the finished images",
+        30,
+    )

@@ -15,12 +15,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_irg(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
-RENAMED = ("language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
-           "language_model.model.layers.0.self_attn.q_proj.gen.weight")
+RENAMED = (
+    "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
+    "language_model.model.layers.0.self_attn.q_proj.gen.weight",
+)
 RESHAPED = "latent_pos_embed.pos_embed"  # [4096, 64]: saved as if max_latent_size were 32 (BAGEL's class default)
 AS_F32 = "vae2llm.weight"
 AS_I32 = "connector.fc1.bias"
@@ -56,5 +64,7 @@ def edit_json(path: Path, edit) -> None:
 
 
 def drop_special_token(model: Path, content: str) -> None:
-    edit_json(model / "tokenizer.json",
-              lambda t: t.__setitem__("added_tokens", [a for a in t["added_tokens"] if a["content"] != content]))
+    edit_json(
+        model / "tokenizer.json",
+        lambda t: t.__setitem__("added_tokens", [a for a in t["added_tokens"] if a["content"] != content]),
+    )

@@ -24,8 +24,16 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 def test_manifest() -> None:
     assert BAGEL.repo_id == "ByteDance-Seed/BAGEL-7B-MoT"
-    assert set(BAGEL.files) == {"llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors",
-                                "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"}
+    assert set(BAGEL.files) == {
+        "llm_config.json",
+        "vit_config.json",
+        "ema.safetensors",
+        "ae.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
 
 
 def test_manifest_is_package_data() -> None:
@@ -90,8 +98,14 @@ def assert_one_line_error(r, dest: Path) -> str:
 def test_no_network_closed_port(tmp_path: Path) -> None:
     port = closed_port()
     dest = tmp_path / "bagel"
-    r = damage.run_irg("weights", "download", "bagel-7b-mot", str(dest),
-                       env=hub_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0"), timeout=60)
+    r = damage.run_irg(
+        "weights",
+        "download",
+        "bagel-7b-mot",
+        str(dest),
+        env=hub_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0"),
+        timeout=60,
+    )
     line = assert_one_line_error(r, dest)
     assert f"cannot reach 127.0.0.1:{port} (Connection refused)" in line
 
@@ -123,8 +137,9 @@ class FakeHub:
                 siblings = [SimpleNamespace(rfilename=f, size=s) for f, s in sizes.items()]
                 return SimpleNamespace(sha=COMMIT, siblings=siblings)
 
-        def snapshot_download(repo_id: str, *, revision: str, allow_patterns: list[str], local_dir: Path,
-                              tqdm_class: object) -> str:
+        def snapshot_download(
+            repo_id: str, *, revision: str, allow_patterns: list[str], local_dir: Path, tqdm_class: object
+        ) -> str:
             hub.calls.append(("snapshot_download", repo_id, revision, sorted(allow_patterns)))
             for name in allow_patterns:
                 shutil.copyfile(hub.source / name, Path(local_dir) / name)
@@ -135,16 +150,19 @@ class FakeHub:
         return self
 
 
-def test_download_then_verify(golden_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_download_then_verify(
+    golden_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from server.cli import main
 
     hub = FakeHub(golden_model).install(monkeypatch)
     dest = tmp_path / "bagel"
     assert main(["weights", "download", str(dest)]) == 1  # the download worked, the verification did not
     out, err = capsys.readouterr()
-    assert hub.calls == [("model_info", BAGEL.repo_id, "main"),
-                         ("snapshot_download", BAGEL.repo_id, COMMIT, sorted(BAGEL.files))]
+    assert hub.calls == [
+        ("model_info", BAGEL.repo_id, "main"),
+        ("snapshot_download", BAGEL.repo_id, COMMIT, sorted(BAGEL.files)),
+    ]
     assert sorted(p.name for p in dest.iterdir()) == sorted(BAGEL.files)  # not README.md, not ae_config.json
     assert f"ByteDance-Seed/BAGEL-7B-MoT@{COMMIT}: 8 files" in err and "0 already complete" in err
     assert f"bagel-7b-mot: ByteDance-Seed/BAGEL-7B-MoT@{COMMIT} is in {dest}" in out
@@ -159,8 +177,9 @@ def test_download_then_verify(golden_model: Path, tmp_path: Path, monkeypatch: p
     assert hub.calls[-2] == ("model_info", BAGEL.repo_id, COMMIT)
 
 
-def test_download_failed_verify_exit_1(golden_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_download_failed_verify_exit_1(
+    golden_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from server.cli import main
 
     source = Path(shutil.copytree(golden_model, tmp_path / "hub", copy_function=shutil.copyfile))
@@ -171,8 +190,9 @@ def test_download_failed_verify_exit_1(golden_model: Path, tmp_path: Path, monke
     assert main(["weights", "download", "--no-verify", str(tmp_path / "bagel2")]) == 0
 
 
-def test_repository_without_a_needed_file(golden_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_repository_without_a_needed_file(
+    golden_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from server.cli import main
 
     files = [f for f in BAGEL.files if f != "ema.safetensors"]
@@ -194,19 +214,32 @@ def _response(status: int) -> httpx2.Response:
     return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/a/b"))
 
 
-@pytest.mark.parametrize(("exc", "message"), [
-    (hf_errors.RepositoryNotFoundError("Repository Not Found", response=_response(404)),
-     "huggingface.co: repository a/b is not found or not accessible (a private or gated repository needs HF_TOKEN)"),
-    (hf_errors.GatedRepoError("gated", response=_response(403)),
-     "huggingface.co: repository a/b is gated (a private or gated repository needs HF_TOKEN)"),
-    (hf_errors.RevisionNotFoundError("Revision Not Found for url", response=_response(404)),
-     "huggingface.co: a/b has no such revision (Revision Not Found for url)"),
-    (hf_errors.HfHubHTTPError("Server Error\nmore", response=_response(503)),
-     "huggingface.co answered HTTP 503 (Server Error)"),
-    (httpx2.ReadTimeout("timed out"), "cannot reach huggingface.co (timed out); download x.json from a/b"),
-])
-def test_hub_errors_become_one_line(exc: BaseException, message: str, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (
+            hf_errors.RepositoryNotFoundError("Repository Not Found", response=_response(404)),
+            "huggingface.co: repository a/b is not found or not accessible "
+            "(a private or gated repository needs HF_TOKEN)",
+        ),
+        (
+            hf_errors.GatedRepoError("gated", response=_response(403)),
+            "huggingface.co: repository a/b is gated (a private or gated repository needs HF_TOKEN)",
+        ),
+        (
+            hf_errors.RevisionNotFoundError("Revision Not Found for url", response=_response(404)),
+            "huggingface.co: a/b has no such revision (Revision Not Found for url)",
+        ),
+        (
+            hf_errors.HfHubHTTPError("Server Error\nmore", response=_response(503)),
+            "huggingface.co answered HTTP 503 (Server Error)",
+        ),
+        (httpx2.ReadTimeout("timed out"), "cannot reach huggingface.co (timed out); download x.json from a/b"),
+    ],
+)
+def test_hub_errors_become_one_line(
+    exc: BaseException, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")

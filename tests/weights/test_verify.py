@@ -40,8 +40,9 @@ def test_both_ema_names_give_a_note(model_copy: Path) -> None:
     shutil.copyfile(model_copy / "ema.safetensors", model_copy / "ema_bf16.safetensors")
     report = verify(model_copy)
     assert report.ok
-    assert report.notes == ["both ema.safetensors and ema_bf16.safetensors are present; the loader uses "
-                            "ema.safetensors"]
+    assert report.notes == [
+        "both ema.safetensors and ema_bf16.safetensors are present; the loader uses ema.safetensors"
+    ]
 
 
 def _problems(model: Path) -> list[str]:
@@ -53,26 +54,31 @@ def _problems(model: Path) -> list[str]:
 def test_renamed_tensor(model_copy: Path) -> None:
     damage.rename_tensor(model_copy)
     old, new = damage.RENAMED
-    assert _problems(model_copy) == [f"ema.safetensors: missing tensor {old} (expected shape [64, 64])",
-                                     f"ema.safetensors: unexpected tensor {new} (shape [64, 64])"]
+    assert _problems(model_copy) == [
+        f"ema.safetensors: missing tensor {old} (expected shape [64, 64])",
+        f"ema.safetensors: unexpected tensor {new} (shape [64, 64])",
+    ]
 
 
 def test_wrong_shape(model_copy: Path) -> None:
     damage.reshape_tensor(model_copy)
-    assert _problems(model_copy) == [f"ema.safetensors: tensor {damage.RESHAPED} has shape [1024, 64], "
-                                     f"expected [4096, 64]"]
+    assert _problems(model_copy) == [
+        f"ema.safetensors: tensor {damage.RESHAPED} has shape [1024, 64], expected [4096, 64]"
+    ]
 
 
 def test_float_tensor_of_another_dtype(model_copy: Path) -> None:
     damage.retype_tensor(model_copy, damage.AS_F32, torch.float32)
-    assert _problems(model_copy) == [f"ema.safetensors: tensor {damage.AS_F32} is F32 while 110 other tensors of the "
-                                     f"file are BF16"]
+    assert _problems(model_copy) == [
+        f"ema.safetensors: tensor {damage.AS_F32} is F32 while 110 other tensors of the file are BF16"
+    ]
 
 
 def test_integer_tensor(model_copy: Path) -> None:
     damage.retype_tensor(model_copy, damage.AS_I32, torch.int32)
-    assert _problems(model_copy) == [f"ema.safetensors: tensor {damage.AS_I32} has dtype I32, expected a float type "
-                                     f"(BF16/F16/F32)"]
+    assert _problems(model_copy) == [
+        f"ema.safetensors: tensor {damage.AS_I32} has dtype I32, expected a float type (BF16/F16/F32)"
+    ]
 
 
 def test_missing_config(model_copy: Path) -> None:
@@ -80,8 +86,10 @@ def test_missing_config(model_copy: Path) -> None:
     report = verify(model_copy)
     assert report.problems == [f"vit_config.json: missing from {model_copy}"]
     # without a config the tensor names cannot be checked; the headers still are (truncation, dtypes)
-    assert report.notes == ["ema.safetensors: tensor names and shapes not checked (the configs have problems)",
-                            "ae.safetensors: tensor names and shapes not checked (the configs have problems)"]
+    assert report.notes == [
+        "ema.safetensors: tensor names and shapes not checked (the configs have problems)",
+        "ae.safetensors: tensor names and shapes not checked (the configs have problems)",
+    ]
 
 
 def test_truncated_file(model_copy: Path) -> None:
@@ -100,8 +108,10 @@ def test_truncated_inside_header(model_copy: Path) -> None:
 def test_missing_weight_files(model_copy: Path) -> None:
     (model_copy / "ema.safetensors").unlink()
     (model_copy / "ae.safetensors").unlink()
-    assert _problems(model_copy) == [f"ema.safetensors or ema_bf16.safetensors: missing from {model_copy}",
-                                     f"ae.safetensors: missing from {model_copy}"]
+    assert _problems(model_copy) == [
+        f"ema.safetensors or ema_bf16.safetensors: missing from {model_copy}",
+        f"ae.safetensors: missing from {model_copy}",
+    ]
 
 
 def test_config_fields(model_copy: Path) -> None:
@@ -111,9 +121,11 @@ def test_config_fields(model_copy: Path) -> None:
         del c["rope_theta"]
 
     damage.edit_json(model_copy / "llm_config.json", spoil)
-    assert _problems(model_copy) == ["llm_config.json: rope_theta is missing",
-                                     "llm_config.json: hidden_size must be an integer, got '64'",
-                                     "llm_config.json: num_key_value_heads must be positive, got 0"]
+    assert _problems(model_copy) == [
+        "llm_config.json: rope_theta is missing",
+        "llm_config.json: hidden_size must be an integer, got '64'",
+        "llm_config.json: num_key_value_heads must be positive, got 0",
+    ]
 
 
 def test_unreadable_config(model_copy: Path) -> None:
@@ -125,11 +137,14 @@ def test_unreadable_config(model_copy: Path) -> None:
 def test_vocab_smaller_than_tokenizer(model_copy: Path) -> None:
     damage.edit_json(model_copy / "llm_config.json", lambda c: c.__setitem__("vocab_size", 151000))
     problems = _problems(model_copy)
-    assert problems[0] == ("tokenizer.json: 151665 tokens, but llm_config.json vocab_size is 151000 "
-                           "(every token needs an embedding row)")
+    assert problems[0] == (
+        "tokenizer.json: 151665 tokens, but llm_config.json vocab_size is 151000 (every token needs an embedding row)"
+    )
     # the embedding and lm_head rows follow vocab_size, so the weights no longer match either
-    assert "ema.safetensors: tensor language_model.model.embed_tokens.weight has shape [152064, 64], " \
-           "expected [151000, 64]" in problems
+    assert (
+        "ema.safetensors: tensor language_model.model.embed_tokens.weight has shape [152064, 64], "
+        "expected [151000, 64]" in problems
+    )
 
 
 def test_tokenizer_problems(model_copy: Path) -> None:
@@ -138,7 +153,8 @@ def test_tokenizer_problems(model_copy: Path) -> None:
     (model_copy / "merges.txt").unlink()
     assert _problems(model_copy) == [
         f"merges.txt: missing from {model_copy}",
-        "tokenizer.json: special tokens <|im_end|> (eos), <|vision_start|> (start_of_image) are missing"]
+        "tokenizer.json: special tokens <|im_end|> (eos), <|vision_start|> (start_of_image) are missing",
+    ]
 
 
 def test_every_problem_at_once(model_copy: Path) -> None:
@@ -155,9 +171,15 @@ def test_every_problem_at_once(model_copy: Path) -> None:
     assert "Traceback" not in r.stdout + r.stderr
     problems = [line for line in r.stdout.splitlines() if line.startswith("  problem: ")]
     assert len(problems) == 8, r.stdout  # the rename is two: a missing and an unexpected tensor
-    for needle in ("llm_config.json: rope_theta is missing", "<|vision_end|> (end_of_image) is missing",
-                   "ae.safetensors: truncated", f"{damage.AS_F32} is F32 while", f"{damage.AS_I32} has dtype I32",
-                   *damage.RENAMED, f"{damage.RESHAPED} has shape [1024, 64]"):
+    for needle in (
+        "llm_config.json: rope_theta is missing",
+        "<|vision_end|> (end_of_image) is missing",
+        "ae.safetensors: truncated",
+        f"{damage.AS_F32} is F32 while",
+        f"{damage.AS_I32} has dtype I32",
+        *damage.RENAMED,
+        f"{damage.RESHAPED} has shape [1024, 64]",
+    ):
         assert sum(needle in p for p in problems) == 1, (needle, r.stdout)
     assert r.stdout.rstrip().endswith("8 problems found")
 

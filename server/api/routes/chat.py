@@ -76,8 +76,11 @@ def _question_and_images(messages: list[Message]) -> tuple[str, list[str]]:
         raise RequestError("messages", "needs a user message with the question and the image(s)")
     for i, m in enumerate(messages):
         if m.role != "user":
-            raise RequestError(f"messages[{i}].role", "only user messages are supported: BAGEL's understanding "
-                                                      "recipe has no system prompt of its own, nor chat history")
+            raise RequestError(
+                f"messages[{i}].role",
+                "only user messages are supported: BAGEL's understanding "
+                "recipe has no system prompt of its own, nor chat history",
+            )
     for m in users:
         parts = [ContentPart(type="text", text=m.content)] if isinstance(m.content, str) else (m.content or [])
         for part in parts:
@@ -98,26 +101,42 @@ def _question_and_images(messages: list[Message]) -> tuple[str, list[str]]:
 
 def _usage(job_data: dict[str, Any]) -> dict[str, int]:
     u = job_data.get("usage") or {"prompt_tokens": 0, "text_tokens": 0}
-    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["text_tokens"],
-            "total_tokens": u["prompt_tokens"] + u["text_tokens"]}
+    return {
+        "prompt_tokens": u["prompt_tokens"],
+        "completion_tokens": u["text_tokens"],
+        "total_tokens": u["prompt_tokens"] + u["text_tokens"],
+    }
 
 
 def _finish(answer: dict[str, Any] | None, max_tokens: int) -> str:
     return "length" if answer and answer.get("tokens", 0) >= max_tokens else "stop"
 
 
-@router.post("/completions", summary="Answer about images (OpenAI-compatible chat completions)",
-             responses={200: {"content": sse_content(["message"], "with `stream`: chat.completion.chunk JSON, "
-                                                                  "then [DONE]")},
-                        400: OPENAI_ERROR, 401: OPENAI_ERROR, 413: OPENAI_ERROR, 429: OPENAI_ERROR,
-                        500: OPENAI_ERROR, 503: OPENAI_ERROR, 504: OPENAI_ERROR})
-async def chat_completions(body: ChatRequest, queue: QueueDep, settings: SettingsDep, owner: OwnerDep,
-                           defaults: DefaultsDep) -> Response:
+@router.post(
+    "/completions",
+    summary="Answer about images (OpenAI-compatible chat completions)",
+    responses={
+        200: {"content": sse_content(["message"], "with `stream`: chat.completion.chunk JSON, then [DONE]")},
+        400: OPENAI_ERROR,
+        401: OPENAI_ERROR,
+        413: OPENAI_ERROR,
+        429: OPENAI_ERROR,
+        500: OPENAI_ERROR,
+        503: OPENAI_ERROR,
+        504: OPENAI_ERROR,
+    },
+)
+async def chat_completions(
+    body: ChatRequest, queue: QueueDep, settings: SettingsDep, owner: OwnerDep, defaults: DefaultsDep
+) -> Response:
     question, images = _question_and_images(body.messages)
     inputs = await asyncio.to_thread(check_input_images, images, settings, "image_url")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    opts = GenerationOptions(mode="think" if body.think else "direct", seed=body.seed,
-                             thinking=ThinkingOptions(max_tokens=max_tokens, temperature=body.temperature or 0.0))
+    opts = GenerationOptions(
+        mode="think" if body.think else "direct",
+        seed=body.seed,
+        thinking=ThinkingOptions(max_tokens=max_tokens, temperature=body.temperature or 0.0),
+    )
     params = build_params(opts, question, None, None, settings, defaults, inputs, "understand")
     job, _, _ = await queue.submit(new_job(params, owner, False, None, inputs))
     metrics.SUBMITTED.labels(params["mode"]).inc()
@@ -125,8 +144,11 @@ async def chat_completions(body: ChatRequest, queue: QueueDep, settings: Setting
     model = body.model or MODEL
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_stream(queue, job.id, cid, created, model, limit, usage),
-                                   ping=settings.sse_ping_s, send_timeout=settings.sse_send_timeout_s)
+        return EventSourceResponse(
+            _stream(queue, job.id, cid, created, model, limit, usage),
+            ping=settings.sse_ping_s,
+            send_timeout=settings.sse_send_timeout_s,
+        )
     await wait_for_end(queue, job.id, settings.wait_timeout_s)
     done = await queue.get(job.id)
     if done is None or not done.terminal:
@@ -136,18 +158,36 @@ async def chat_completions(body: ChatRequest, queue: QueueDep, settings: Setting
         error = done.error or {"code": "cancelled", "message": "the request was cancelled"}
         raise ApiError(400 if error["code"] == "invalid_params" else 500, error["code"], error["message"])
     answer = done.answer or {"text": "", "tokens": 0}
-    return JSONResponse({
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"], "refusal": None},
-                     "finish_reason": _finish(answer, limit), "logprobs": None}],
-        "usage": _usage({"usage": done.usage})})
+    return JSONResponse(
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer["text"], "refusal": None},
+                    "finish_reason": _finish(answer, limit),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage({"usage": done.usage}),
+        }
+    )
 
 
-async def _stream(queue: JobQueue, job_id: str, cid: str, created: int, model: str, limit: int,
-                  include_usage: bool) -> AsyncIterator[ServerSentEvent]:
+async def _stream(
+    queue: JobQueue, job_id: str, cid: str, created: int, model: str, limit: int, include_usage: bool
+) -> AsyncIterator[ServerSentEvent]:
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> ServerSentEvent:
-        body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        body: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
         if usage is not None:
             body = dict(body, choices=[], usage=usage)
         return ServerSentEvent(data=json.dumps(body, ensure_ascii=False))
@@ -163,6 +203,16 @@ async def _stream(queue: JobQueue, job_id: str, cid: str, created: int, model: s
                 yield chunk({}, usage=_usage(data))
         elif event.terminal:
             error = data.get("error") or {"code": "cancelled", "message": "the request was cancelled"}
-            yield ServerSentEvent(data=json.dumps({"error": {"message": error["message"], "type": "server_error",
-                                                             "code": error["code"], "param": None}}))
+            yield ServerSentEvent(
+                data=json.dumps(
+                    {
+                        "error": {
+                            "message": error["message"],
+                            "type": "server_error",
+                            "code": error["code"],
+                            "param": None,
+                        }
+                    }
+                )
+            )
     yield ServerSentEvent(data="[DONE]")

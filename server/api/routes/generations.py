@@ -35,25 +35,45 @@ def _idempotent_id(owner: str, key: str) -> str:
     return "gen_" + hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()[:24]
 
 
-@router.post("", status_code=202, response_model=JobPublic, summary="Submit a prompt",
-             dependencies=[Depends(require_json)], responses={
-    200: {"model": JobPublic, "content": SSE, "description": "`stream`: the event stream; `wait`: the ended job"},
-    401: ERRORS[401], 422: {"model": ErrorResponse, "description": "invalid parameters or input image (nothing is "
-                                                                   "queued)"},
-    409: {"model": ErrorResponse, "description": "the Idempotency-Key was used before with a different body"},
-    429: {"model": ErrorResponse, "description": "the queue is full; see Retry-After"},
-    503: {"model": ErrorResponse, "description": "the queue backend is unreachable"}, **BODY_ERRORS})
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    summary="Submit a prompt",
+    dependencies=[Depends(require_json)],
+    responses={
+        200: {"model": JobPublic, "content": SSE, "description": "`stream`: the event stream; `wait`: the ended job"},
+        401: ERRORS[401],
+        422: {"model": ErrorResponse, "description": "invalid parameters or input image (nothing is queued)"},
+        409: {"model": ErrorResponse, "description": "the Idempotency-Key was used before with a different body"},
+        429: {"model": ErrorResponse, "description": "the queue is full; see Retry-After"},
+        503: {"model": ErrorResponse, "description": "the queue backend is unreachable"},
+        **BODY_ERRORS,
+    },
+)
 async def create_generation(
-    body: GenerateRequest, request: Request, queue: QueueDep, settings: SettingsDep, owner: OwnerDep,
+    body: GenerateRequest,
+    request: Request,
+    queue: QueueDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
     defaults: DefaultsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=256, description=(
-        "the same key and body again returns the job it created instead of queueing a new one; the same key "
-        "with a different body is a 409"))] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=256,
+            description=(
+                "the same key and body again returns the job it created instead of queueing a new one; the same key "
+                "with a different body is a 409"
+            ),
+        ),
+    ] = None,
 ) -> Response:
     inputs = await asyncio.to_thread(check_input_images, body.images, settings) if body.images else None
     params = build_params(body, body.prompt, body.width, body.height, settings, defaults, inputs, body.task)
-    job = new_job(params, owner, body.image_b64, _idempotent_id(owner, idempotency_key) if idempotency_key else None,
-                  inputs)
+    job = new_job(
+        params, owner, body.image_b64, _idempotent_id(owner, idempotency_key) if idempotency_key else None, inputs
+    )
     if idempotency_key:
         job.options[idempotency.OPTION] = idempotency.fingerprint(body)
     job, position, created = await queue.submit(job)
@@ -76,12 +96,21 @@ async def get_generation(job: JobDep, queue: QueueDep) -> JobPublic:
     return job_public(job, position)
 
 
-@router.get("/{job_id}/events", summary="The job's event stream (SSE)", response_class=Response, responses={
-    200: {"content": SSE, "description": "events from the start, or after Last-Event-ID"}, **ERRORS,
-    204: {"description": "the job has ended and the client has every event (Last-Event-ID is its last)"},
-    422: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"}})
+@router.get(
+    "/{job_id}/events",
+    summary="The job's event stream (SSE)",
+    response_class=Response,
+    responses={
+        200: {"content": SSE, "description": "events from the start, or after Last-Event-ID"},
+        **ERRORS,
+        204: {"description": "the job has ended and the client has every event (Last-Event-ID is its last)"},
+        422: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"},
+    },
+)
 async def get_events(
-    job: JobDep, queue: QueueDep, settings: SettingsDep,
+    job: JobDep,
+    queue: QueueDep,
+    settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(max_length=64, description="resume after this event")] = None,
 ) -> Response:
     if last_event_id is not None and not valid_event_id(last_event_id):
@@ -91,10 +120,15 @@ async def get_events(
     return event_response(queue, job.id, last_event_id, settings)
 
 
-@router.get("/{job_id}/images/{name}", summary="An image of the job (PNG)", response_class=Response, responses={
-    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}, **ERRORS})
+@router.get(
+    "/{job_id}/images/{name}",
+    summary="An image of the job (PNG)",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}, **ERRORS},
+)
 async def get_image(
-    job: JobDep, queue: QueueDep,
+    job: JobDep,
+    queue: QueueDep,
     name: Annotated[str, Path(pattern=IMAGE_NAME_PATTERN, description="draft, final or round-N")],
 ) -> Response:
     k = image_round(name, job.image_rounds)
@@ -104,13 +138,18 @@ async def get_image(
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-cache"})
 
 
-@router.delete("/{job_id}", response_model=JobPublic, summary="Cancel the job", responses={
-    202: {"model": JobPublic, "description": "running: it stops at the next step"}, **ERRORS})
+@router.delete(
+    "/{job_id}",
+    response_model=JobPublic,
+    summary="Cancel the job",
+    responses={202: {"model": JobPublic, "description": "running: it stops at the next step"}, **ERRORS},
+)
 async def cancel_generation(job: JobDep, queue: QueueDep) -> Response:
     if not job.terminal:
         job = await queue.cancel(job.id) or job
         if job.terminal and job.status == "cancelled":
             metrics.job_ended(job.params["mode"], "cancelled")
     status = 200 if job.terminal else 202
-    return JSONResponse(job_public(job).model_dump(mode="json"), status_code=status,
-                        headers={"Location": job_path(job.id)})
+    return JSONResponse(
+        job_public(job).model_dump(mode="json"), status_code=status, headers={"Location": job_path(job.id)}
+    )

@@ -24,8 +24,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=ReadyStatus, summary="Readiness: queue reachable and a worker ready",
-            responses={503: {"model": ReadyStatus, "description": "not ready; `reason` says why"}})
+@router.get(
+    "/readyz",
+    response_model=ReadyStatus,
+    summary="Readiness: queue reachable and a worker ready",
+    responses={503: {"model": ReadyStatus, "description": "not ready; `reason` says why"}},
+)
 async def readyz(queue: QueueDep) -> JSONResponse:
     try:
         await asyncio.wait_for(queue.ping(), PING_TIMEOUT_S)
@@ -40,15 +44,27 @@ async def readyz(queue: QueueDep) -> JSONResponse:
         reason = "no worker with a loaded model is alive"
         body = ReadyStatus(status="unavailable", reason=reason, queue_depth=depth)
         return JSONResponse(body.model_dump(), status_code=503)
-    capacity = [WorkerCapacity(name=w.name, active=w.active, capacity=w.capacity, free=max(0, w.capacity - w.active))
-                for w in ready]
-    body = ReadyStatus(status="ready", workers=len(ready), queue_depth=depth, capacity=capacity,
-                       free_capacity=sum(c.free for c in capacity))
+    capacity = [
+        WorkerCapacity(name=w.name, active=w.active, capacity=w.capacity, free=max(0, w.capacity - w.active))
+        for w in ready
+    ]
+    body = ReadyStatus(
+        status="ready",
+        workers=len(ready),
+        queue_depth=depth,
+        capacity=capacity,
+        free_capacity=sum(c.free for c in capacity),
+    )
     return JSONResponse(body.model_dump())
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=[Depends(get_owner)],
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[Depends(get_owner)],
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
 async def prometheus(queue: QueueDep, request: Request) -> Response:
     try:
         workers = [w for w in await queue.workers() if w.ready]

@@ -24,20 +24,48 @@ from server.schemas import GenerationOptions, ThinkingOptions
 
 router = APIRouter(prefix="/v1/images", tags=["openai"], dependencies=[Depends(get_owner)])
 MAX_PARTS = 32
-TEXT_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "stream",
-               "partial_images", "background", "quality", "input_fidelity", "user", "safety_identifier",
-               "moderation", "mode", "rounds", "steps", "seed", "max_think_tokens", "temperature"}
-FORM_SCHEMA = {"type": "object", "required": ["image", "prompt"], "properties": {
-    "image": {"type": "string", "format": "binary", "description": "the image to edit (PNG, JPEG or WebP)"},
-    "prompt": {"type": "string", "description": "the edit instruction"},
-    "model": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 10},
-    "size": {"type": "string", "enum": ["auto"], "description": "the output size follows the input image"},
-    "response_format": {"type": "string", "enum": ["b64_json", "url"]},
-    "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
-    "output_compression": {"type": "integer", "minimum": 0, "maximum": 100},
-    "stream": {"type": "boolean"}, "partial_images": {"type": "integer", "minimum": 0, "maximum": 3},
-    "mode": {"type": "string", "enum": ["irg", "think", "direct"]},
-    "steps": {"type": "integer"}, "seed": {"type": "integer"}}}
+TEXT_FIELDS = {
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "stream",
+    "partial_images",
+    "background",
+    "quality",
+    "input_fidelity",
+    "user",
+    "safety_identifier",
+    "moderation",
+    "mode",
+    "rounds",
+    "steps",
+    "seed",
+    "max_think_tokens",
+    "temperature",
+}
+FORM_SCHEMA = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "the image to edit (PNG, JPEG or WebP)"},
+        "prompt": {"type": "string", "description": "the edit instruction"},
+        "model": {"type": "string"},
+        "n": {"type": "integer", "minimum": 1, "maximum": 10},
+        "size": {"type": "string", "enum": ["auto"], "description": "the output size follows the input image"},
+        "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+        "output_compression": {"type": "integer", "minimum": 0, "maximum": 100},
+        "stream": {"type": "boolean"},
+        "partial_images": {"type": "integer", "minimum": 0, "maximum": 3},
+        "mode": {"type": "string", "enum": ["irg", "think", "direct"]},
+        "steps": {"type": "integer"},
+        "seed": {"type": "integer"},
+    },
+}
 
 
 def _bool(name: str, value: str) -> bool:
@@ -96,10 +124,15 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes]]:
 def _options(f: dict[str, str]) -> GenerationOptions:
     try:
         return GenerationOptions(
-            mode=f.get("mode") or "irg", rounds=_int("rounds", f.get("rounds"), 1, 8),
-            steps=_int("steps", f.get("steps"), 2, 200), seed=_int("seed", f.get("seed"), 0, 2**63 - 1),
-            thinking=ThinkingOptions(max_tokens=_int("max_think_tokens", f.get("max_think_tokens"), 1, 4096),
-                                     temperature=_float("temperature", f.get("temperature"))))
+            mode=f.get("mode") or "irg",
+            rounds=_int("rounds", f.get("rounds"), 1, 8),
+            steps=_int("steps", f.get("steps"), 2, 200),
+            seed=_int("seed", f.get("seed"), 0, 2**63 - 1),
+            thinking=ThinkingOptions(
+                max_tokens=_int("max_think_tokens", f.get("max_think_tokens"), 1, 4096),
+                temperature=_float("temperature", f.get("temperature")),
+            ),
+        )
     except ValidationError as e:
         error = e.errors()[0]
         name = ".".join(str(p) for p in error.get("loc", ())) or "body"
@@ -129,19 +162,33 @@ async def _submit(queue: Any, params: dict[str, Any], owner: str, n: int, inputs
     return jobs
 
 
-@router.post("/edits", summary="Edit an image (OpenAI-compatible)",
-             openapi_extra={"requestBody": {"required": True,
-                                            "content": {"multipart/form-data": {"schema": FORM_SCHEMA}}}},
-             responses={200: {"content": sse_content(["image_edit.partial_image", "image_edit.completed", "error"],
-                                                     "with `stream`"), "description": "ImagesResponse JSON"},
-                        400: OPENAI_ERROR, 401: OPENAI_ERROR, 413: OPENAI_ERROR, 429: OPENAI_ERROR,
-                        500: OPENAI_ERROR, 503: OPENAI_ERROR, 504: OPENAI_ERROR})
-async def edit_images(request: Request, queue: QueueDep, settings: SettingsDep, owner: OwnerDep,
-                      defaults: DefaultsDep) -> Response:
+@router.post(
+    "/edits",
+    summary="Edit an image (OpenAI-compatible)",
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": FORM_SCHEMA}}}},
+    responses={
+        200: {
+            "content": sse_content(["image_edit.partial_image", "image_edit.completed", "error"], "with `stream`"),
+            "description": "ImagesResponse JSON",
+        },
+        400: OPENAI_ERROR,
+        401: OPENAI_ERROR,
+        413: OPENAI_ERROR,
+        429: OPENAI_ERROR,
+        500: OPENAI_ERROR,
+        503: OPENAI_ERROR,
+        504: OPENAI_ERROR,
+    },
+)
+async def edit_images(
+    request: Request, queue: QueueDep, settings: SettingsDep, owner: OwnerDep, defaults: DefaultsDep
+) -> Response:
     f, images = await _read_form(request)
     if f.get("size") not in (None, "", "auto"):
-        raise RequestError("size", "an edit's output size follows the input image (the official BAGEL rule); "
-                                   "send size=auto or leave it out")
+        raise RequestError(
+            "size",
+            "an edit's output size follows the input image (the official BAGEL rule); send size=auto or leave it out",
+        )
     if f.get("background") == "transparent":
         raise RequestError("background", "transparent backgrounds are not supported")
     n = _int("n", f.get("n"), 1, 10) or 1
@@ -164,7 +211,10 @@ async def edit_images(request: Request, queue: QueueDep, settings: SettingsDep, 
     output = Output(fmt, 100 if compression is None else compression, f"{params['width']}x{params['height']}")
     if stream:
         limit = 3 if partial is None else partial
-        return EventSourceResponse(_stream(queue, jobs[0].id, output, limit, prefix="image_edit"),
-                                   ping=settings.sse_ping_s, send_timeout=settings.sse_send_timeout_s)
+        return EventSourceResponse(
+            _stream(queue, jobs[0].id, output, limit, prefix="image_edit"),
+            ping=settings.sse_ping_s,
+            send_timeout=settings.sse_send_timeout_s,
+        )
     body = SimpleNamespace(response_format=response_format)
     return await _collect(queue, jobs, body, output, request, settings.wait_timeout_s)  # type: ignore[arg-type]

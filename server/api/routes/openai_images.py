@@ -60,8 +60,12 @@ def _size(value: str | None) -> tuple[int | None, int | None]:
 def _usage(usage: dict[str, int] | None) -> dict[str, Any]:
     u = usage or {"prompt_tokens": 0, "text_tokens": 0, "image_tokens": 0}
     out = u["text_tokens"] + u["image_tokens"]
-    return ImageUsage(input_tokens=u["prompt_tokens"], output_tokens=out, total_tokens=u["prompt_tokens"] + out,
-                      input_tokens_details={"text_tokens": u["prompt_tokens"], "image_tokens": 0}).model_dump()
+    return ImageUsage(
+        input_tokens=u["prompt_tokens"],
+        output_tokens=out,
+        total_tokens=u["prompt_tokens"] + out,
+        input_tokens_details={"text_tokens": u["prompt_tokens"], "image_tokens": 0},
+    ).model_dump()
 
 
 def _revised_prompt(job: JobRecord) -> str | None:
@@ -81,14 +85,35 @@ async def _submit(queue: JobQueue, params: dict[str, Any], owner: str, n: int) -
     return jobs
 
 
-@router.post("/generations", response_model=ImagesResponse, summary="Create images (OpenAI-compatible)",
-             dependencies=[Depends(require_json)],
-             responses={200: {"content": sse_content(["image_generation.partial_image", "image_generation.completed",
-                                                      "error"], "with `stream`")},
-                        400: OPENAI_ERROR, 401: OPENAI_ERROR, 413: OPENAI_ERROR, 415: OPENAI_ERROR, 429: OPENAI_ERROR,
-                        500: OPENAI_ERROR, 503: OPENAI_ERROR, 504: OPENAI_ERROR})
-async def create_images(body: ImageGenerationRequest, request: Request, queue: QueueDep, settings: SettingsDep,
-                        owner: OwnerDep, defaults: DefaultsDep) -> Response:
+@router.post(
+    "/generations",
+    response_model=ImagesResponse,
+    summary="Create images (OpenAI-compatible)",
+    dependencies=[Depends(require_json)],
+    responses={
+        200: {
+            "content": sse_content(
+                ["image_generation.partial_image", "image_generation.completed", "error"], "with `stream`"
+            )
+        },
+        400: OPENAI_ERROR,
+        401: OPENAI_ERROR,
+        413: OPENAI_ERROR,
+        415: OPENAI_ERROR,
+        429: OPENAI_ERROR,
+        500: OPENAI_ERROR,
+        503: OPENAI_ERROR,
+        504: OPENAI_ERROR,
+    },
+)
+async def create_images(
+    body: ImageGenerationRequest,
+    request: Request,
+    queue: QueueDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    defaults: DefaultsDep,
+) -> Response:
     width, height = _size(body.size)
     n = 1 if body.n is None else body.n
     if body.background == "transparent":
@@ -99,8 +124,11 @@ async def create_images(body: ImageGenerationRequest, request: Request, queue: Q
         raise RequestError("n", "a streamed generation has one image: n must be 1")
     params = build_params(body, body.prompt, width, height, settings, defaults)
     jobs = await _submit(queue, params, owner, n)
-    output = Output(body.output_format or "png", 100 if body.output_compression is None else body.output_compression,
-                    f"{params['width']}x{params['height']}")
+    output = Output(
+        body.output_format or "png",
+        100 if body.output_compression is None else body.output_compression,
+        f"{params['width']}x{params['height']}",
+    )
     if body.stream:
         limit = 3 if body.partial_images is None else body.partial_images
         # previews fill the slots the drafts leave only when partial_images is asked for explicitly
@@ -110,8 +138,14 @@ async def create_images(body: ImageGenerationRequest, request: Request, queue: Q
     return await _collect(queue, jobs, body, output, request, settings.wait_timeout_s)
 
 
-async def _collect(queue: JobQueue, jobs: list[JobRecord], body: ImageGenerationRequest, output: Output,
-                   request: Request, timeout: float) -> JSONResponse:
+async def _collect(
+    queue: JobQueue,
+    jobs: list[JobRecord],
+    body: ImageGenerationRequest,
+    output: Output,
+    request: Request,
+    timeout: float,
+) -> JSONResponse:
     await asyncio.gather(*(wait_for_end(queue, j.id, timeout) for j in jobs))
     done = [await queue.get(j.id) or j for j in jobs]
     if not all(j.terminal for j in done):
@@ -125,16 +159,21 @@ async def _collect(queue: JobQueue, jobs: list[JobRecord], body: ImageGeneration
     data = []
     for job in done:
         if body.response_format == "url":
-            data.append(ImageData(url=f"{str(request.base_url).rstrip('/')}{image_url(job.id, 'final')}",
-                                  revised_prompt=_revised_prompt(job)))
+            data.append(
+                ImageData(
+                    url=f"{str(request.base_url).rstrip('/')}{image_url(job.id, 'final')}",
+                    revised_prompt=_revised_prompt(job),
+                )
+            )
             continue
         png = await queue.get_image(job.id, job.image_rounds)
         if png is None:
             raise ApiError(500, "image_expired", f"the image of {job.id} is no longer stored")
         data.append(ImageData(b64_json=output.encode(png), revised_prompt=_revised_prompt(job)))
     usage = _usage(done[0].usage) if len(done) == 1 else None
-    response = ImagesResponse(created=int(done[0].created_at), data=data, output_format=output.format,
-                              size=output.size, usage=usage)
+    response = ImagesResponse(
+        created=int(done[0].created_at), data=data, output_format=output.format, size=output.size, usage=usage
+    )
     return JSONResponse(response.model_dump(mode="json", exclude_none=True))
 
 
@@ -151,8 +190,14 @@ async def _job_events(queue: JobQueue, job_id: str) -> AsyncIterator[StoredEvent
             yield item
 
 
-async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int, drafts: int | None = None,
-                  prefix: str = "image_generation") -> AsyncIterator[ServerSentEvent]:
+async def _stream(
+    queue: JobQueue,
+    job_id: str,
+    output: Output,
+    limit: int,
+    drafts: int | None = None,
+    prefix: str = "image_generation",
+) -> AsyncIterator[ServerSentEvent]:
     """OpenAI's image stream: `{prefix}.partial_image` per draft (at most `limit`), then `{prefix}.completed`.
     Slots the drafts leave free (`drafts`: how many the job draws; None: all `limit`) go to live previews of the
     image being drawn (x0 estimates, at preview size, as they come), never taking a slot a draft needs."""
@@ -163,8 +208,14 @@ async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int, draf
     def partial(b64: str, **extra: Any) -> ServerSentEvent:
         nonlocal index
         kind = f"{prefix}.partial_image"
-        payload = {"type": kind, "b64_json": b64, "created_at": int(time.time()), "partial_image_index": index,
-                   **common, **extra}
+        payload = {
+            "type": kind,
+            "b64_json": b64,
+            "created_at": int(time.time()),
+            "partial_image_index": index,
+            **common,
+            **extra,
+        }
         index += 1
         return ServerSentEvent(data=json.dumps(payload), event=kind)
 
@@ -172,9 +223,16 @@ async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int, draf
         if isinstance(event, LiveEvent):
             if event.type == "image.preview" and index + drafts_left < limit:
                 d = json.loads(event.data)
-                yield partial(output.encode(base64.b64decode(d["b64"]), always=True),
-                              irg_preview={"round": d["round"], "step": d["step"], "steps": d["steps"],
-                                           "width": d["width"], "height": d["height"]})
+                yield partial(
+                    output.encode(base64.b64decode(d["b64"]), always=True),
+                    irg_preview={
+                        "round": d["round"],
+                        "step": d["step"],
+                        "steps": d["steps"],
+                        "width": d["width"],
+                        "height": d["height"],
+                    },
+                )
             continue
         data = json.loads(event.data)
         if event.type == "image.done" and data["kind"] == "draft":
@@ -186,11 +244,18 @@ async def _stream(queue: JobQueue, job_id: str, output: Output, limit: int, draf
         elif event.type == COMPLETED:
             png = await queue.get_image(job_id, data["params"]["rounds"])
             kind = f"{prefix}.completed"
-            payload = {"type": kind, "b64_json": output.encode(png or b""), "created_at": int(time.time()),
-                       "usage": _usage(data.get("usage")), **common}
+            payload = {
+                "type": kind,
+                "b64_json": output.encode(png or b""),
+                "created_at": int(time.time()),
+                "usage": _usage(data.get("usage")),
+                **common,
+            }
             yield ServerSentEvent(data=json.dumps(payload), event=kind)
         elif event.terminal:
             error = data.get("error") or {"code": "cancelled", "message": "the generation was cancelled"}
-            payload = {"type": "error", "error": {"type": "server_error", "code": error["code"],
-                                                  "message": error["message"]}}
+            payload = {
+                "type": "error",
+                "error": {"type": "server_error", "code": error["code"], "message": error["message"]},
+            }
             yield ServerSentEvent(data=json.dumps(payload), event="error")

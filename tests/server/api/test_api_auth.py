@@ -26,13 +26,20 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/v1/generations"), ("GET", "/v1/generations/gen_000000000000000000000000"),
-    ("GET", "/v1/generations/gen_000000000000000000000000/events"),
-    ("GET", "/v1/generations/gen_000000000000000000000000/images/final"),
-    ("DELETE", "/v1/generations/gen_000000000000000000000000"), ("POST", "/v1/images/generations"),
-    ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/generations"),
+        ("GET", "/v1/generations/gen_000000000000000000000000"),
+        ("GET", "/v1/generations/gen_000000000000000000000000/events"),
+        ("GET", "/v1/generations/gen_000000000000000000000000/images/final"),
+        ("DELETE", "/v1/generations/gen_000000000000000000000000"),
+        ("POST", "/v1/images/generations"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+    ],
+)
 def test_no_key_is_401(client: TestClient, method: str, path: str) -> None:
     for headers in ({}, auth("wrong-key-0123456789abcdef"), {"Authorization": f"Basic {ALICE}"}):
         r = client.request(method, path, json=GOOD, headers=headers)

@@ -40,8 +40,13 @@ def test_demo_defaults_and_deployment_caps(settings: Settings) -> None:
         p = c.post("/v1/generations", json={"prompt": "a fox"}).json()["params"]
         assert (p["width"], p["height"], p["steps"]) == (256, 256, 20)
         assert p["thinking"] == {"max_tokens": 256, "temperature": 0.3}
-        assert c.get("/v1/defaults").json()["modes"]["think"] == {"width": 256, "height": 256, "steps": 20,
-                                                                   "max_think_tokens": 256, "temperature": 0.0}
+        assert c.get("/v1/defaults").json()["modes"]["think"] == {
+            "width": 256,
+            "height": 256,
+            "steps": 20,
+            "max_think_tokens": 256,
+            "temperature": 0.0,
+        }
     with client(settings, max_side=128, max_think_tokens=100) as c:
         p = c.post("/v1/generations", json={"prompt": "a fox"}).json()["params"]
         assert (p["width"], p["thinking"]["max_tokens"]) == (128, 100)

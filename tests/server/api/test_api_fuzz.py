@@ -24,17 +24,20 @@ from server.settings import Settings
 from server.worker import WorkerThread
 from tests.server.serverkit import FakeRunner
 
-CONFIG = SchemathesisConfig.from_dict({"checks": {
-    "positive_data_acceptance": {"enabled": False},
-    # 413: a body over IRG_MAX_BODY_BYTES is refused before it is parsed (the fuzzer sends megabyte strings)
-    "negative_data_rejection": {"expected-statuses": [400, 401, 404, 405, 406, 409, 413, 415, 422, 429]},
-}})
+CONFIG = SchemathesisConfig.from_dict(
+    {
+        "checks": {
+            "positive_data_acceptance": {"enabled": False},
+            # 413: a body over IRG_MAX_BODY_BYTES is refused before it is parsed (the fuzzer sends megabyte strings)
+            "negative_data_rejection": {"expected-statuses": [400, 401, 404, 405, 406, 409, 413, 415, 422, 429]},
+        }
+    }
+)
 
 
 @pytest.fixture(scope="module")
 def fuzz_schema() -> Iterator[Any]:
-    s = Settings(redis_url=None, queue_max=5, wait_timeout_s=2.0, heartbeat_s=0.5, cancel_poll_s=0.05,
-                 sse_ping_s=1.0)
+    s = Settings(redis_url=None, queue_max=5, wait_timeout_s=2.0, heartbeat_s=0.5, cancel_poll_s=0.05, sse_ping_s=1.0)
     queue = MemoryQueue(s)
     worker = WorkerThread(queue, s, FakeRunner, name="fuzz")
     app = create_app(s, queue, [worker])

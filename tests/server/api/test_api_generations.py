@@ -15,15 +15,30 @@ def collapse(types: list[str]) -> list[str]:
     return [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
 
 
-IRG_ORDER = ["queued", "started", "thinking.delta", "thinking.done", "image.progress", "image.done",
-             "reflection.delta", "reflection.done", "image.progress", "image.done", "completed"]
+IRG_ORDER = [
+    "queued",
+    "started",
+    "thinking.delta",
+    "thinking.done",
+    "image.progress",
+    "image.done",
+    "reflection.delta",
+    "reflection.done",
+    "image.progress",
+    "image.done",
+    "completed",
+]
 
 
 def test_stream_true_yields_every_stage_in_order_and_valid_pngs(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        events = read_stream(c, "POST", "/v1/generations", json={"prompt": "a red fox in snow", "stream": True,
-                                                             **SMALL, "width": 80, "height": 48})
+        events = read_stream(
+            c,
+            "POST",
+            "/v1/generations",
+            json={"prompt": "a red fox in snow", "stream": True, **SMALL, "width": 80, "height": 48},
+        )
         assert collapse([e["event"] for e in events]) == IRG_ORDER
         ids = [e["id"] for e in events]
         assert ids == sorted(ids, key=int) and len(set(ids)) == len(ids)
@@ -43,17 +58,29 @@ def test_stream_true_yields_every_stage_in_order_and_valid_pngs(serve: Any) -> N
 def test_accept_header_also_streams(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        events = read_stream(c, "POST", "/v1/generations", json={"prompt": "a boat", "mode": "direct", **SMALL},
-                        headers={"Accept": "text/event-stream"})
-        assert collapse([e["event"] for e in events]) == ["queued", "started", "image.progress", "image.done",
-                                                         "completed"]
+        events = read_stream(
+            c,
+            "POST",
+            "/v1/generations",
+            json={"prompt": "a boat", "mode": "direct", **SMALL},
+            headers={"Accept": "text/event-stream"},
+        )
+        assert collapse([e["event"] for e in events]) == [
+            "queued",
+            "started",
+            "image.progress",
+            "image.done",
+            "completed",
+        ]
 
 
 def test_reconnect_with_last_event_id_gets_the_rest_exactly_once(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        job = c.post("/v1/generations", json={"prompt": "a castle", "width": 128, "height": 128, "steps": 12,
-                                              "thinking": {"max_tokens": 32}}).json()
+        job = c.post(
+            "/v1/generations",
+            json={"prompt": "a castle", "width": 128, "height": 128, "steps": 12, "thinking": {"max_tokens": 32}},
+        ).json()
         url = f"/v1/generations/{job['id']}/events"
         first: list[dict[str, str]] = []
         with c.stream("GET", url) as r:  # read a little, then drop the connection mid-job

@@ -24,8 +24,13 @@ def test_readyz_waits_for_a_worker_with_a_loaded_model(settings: Settings) -> No
         queue.heartbeat(WorkerInfo("w1", ready=True, active=1, capacity=4))
         r = c.get("/readyz")
         assert r.status_code == 200 and r.json() == {
-            "status": "ready", "reason": None, "workers": 1, "queue_depth": 0, "free_capacity": 3,
-            "capacity": [{"name": "w1", "active": 1, "capacity": 4, "free": 3}]}
+            "status": "ready",
+            "reason": None,
+            "workers": 1,
+            "queue_depth": 0,
+            "free_capacity": 3,
+            "capacity": [{"name": "w1", "active": 1, "capacity": 4, "free": 3}],
+        }
 
 
 def test_readyz_says_when_redis_is_unreachable(settings: Settings) -> None:
@@ -44,14 +49,21 @@ def test_readyz_says_when_redis_is_unreachable(settings: Settings) -> None:
 def test_metrics_after_a_job(serve: Any) -> None:
     server = serve()
     with server.client() as c:
-        assert c.post("/v1/generations", json={"prompt": "a fox", "wait": True, **SMALL}).json()["status"] == \
-            "succeeded"
+        assert (
+            c.post("/v1/generations", json={"prompt": "a fox", "wait": True, **SMALL}).json()["status"] == "succeeded"
+        )
         text = c.get("/metrics").text
     assert 'irg_jobs_total{mode="irg",outcome="succeeded",reason="none"}' in text
     assert 'irg_jobs_submitted_total{mode="irg"}' in text
     for stage in ("thinking", "reflection", "image", "reencode", "total"):
         assert f'stage="{stage}"' in text
-    for name in ("irg_queue_depth 0.0", "irg_queue_wait_seconds_count", "irg_decode_tokens_per_second_count",
-                 "irg_denoise_steps_per_second_count", "irg_workers_alive 1.0", "irg_workers_busy 0.0"):
+    for name in (
+        "irg_queue_depth 0.0",
+        "irg_queue_wait_seconds_count",
+        "irg_decode_tokens_per_second_count",
+        "irg_denoise_steps_per_second_count",
+        "irg_workers_alive 1.0",
+        "irg_workers_busy 0.0",
+    ):
         assert name in text
     assert "gen_" not in text and "a fox" not in text  # no job ids or prompts in labels

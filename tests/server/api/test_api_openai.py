@@ -27,8 +27,7 @@ def client(serve: Any) -> openai.OpenAI:
 
 
 def test_generate_plain(client: openai.OpenAI) -> None:
-    result = client.images.generate(model="bagel-7b-mot", prompt="a lighthouse at dusk", size="64x48",
-                                    extra_body=FAST)
+    result = client.images.generate(model="bagel-7b-mot", prompt="a lighthouse at dusk", size="64x48", extra_body=FAST)
     assert result.created > 0 and len(result.data) == 1
     assert png_size(result.data[0].b64_json) == (64, 48)
     assert result.data[0].revised_prompt  # the final reflection
@@ -46,20 +45,34 @@ def test_generate_stream_sends_the_draft_as_a_partial_image(client: openai.OpenA
 
 
 def test_n_images_jpeg_and_urls(client: openai.OpenAI) -> None:
-    result = client.images.generate(prompt="a fox", size="32x32", n=2, output_format="jpeg", output_compression=80,
-                                    extra_body={**FAST, "mode": "direct"})
+    result = client.images.generate(
+        prompt="a fox",
+        size="32x32",
+        n=2,
+        output_format="jpeg",
+        output_compression=80,
+        extra_body={**FAST, "mode": "direct"},
+    )
     assert [png_size(d.b64_json, "JPEG") for d in result.data] == [(32, 32), (32, 32)]
-    result = client.images.generate(prompt="a fox", size="32x32", response_format="url",
-                                    extra_body={**FAST, "mode": "direct"})
+    result = client.images.generate(
+        prompt="a fox", size="32x32", response_format="url", extra_body={**FAST, "mode": "direct"}
+    )
     r = httpx.get(result.data[0].url)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"size": "100x100"}, "size"), ({"size": "huge"}, "size"), ({"n": 0}, "n"),
-    ({"extra_body": {"steps": 0}}, "steps"), ({"extra_body": {"flux_capacitor": 1}}, "flux_capacitor"),
-    ({"background": "transparent"}, "background"), ({"n": 2, "stream": True}, "n"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"size": "100x100"}, "size"),
+        ({"size": "huge"}, "size"),
+        ({"n": 0}, "n"),
+        ({"extra_body": {"steps": 0}}, "steps"),
+        ({"extra_body": {"flux_capacitor": 1}}, "flux_capacitor"),
+        ({"background": "transparent"}, "background"),
+        ({"n": 2, "stream": True}, "n"),
+    ],
+)
 def test_bad_requests_are_openai_400s(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         result = client.images.generate(prompt="a fox", **kwargs)

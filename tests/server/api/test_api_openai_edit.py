@@ -34,16 +34,25 @@ def _client(serve: Any) -> openai.OpenAI:
 
 
 def test_edit_returns_the_official_output_size(_client: openai.OpenAI) -> None:
-    result = _client.images.edit(model="bagel-7b-mot", image=("in.png", png(30, 18), "image/png"),
-                                 prompt="Make it blue.", extra_body={**FAST, "mode": "direct"})
+    result = _client.images.edit(
+        model="bagel-7b-mot",
+        image=("in.png", png(30, 18), "image/png"),
+        prompt="Make it blue.",
+        extra_body={**FAST, "mode": "direct"},
+    )
     assert len(result.data) == 1
     assert size_of(result.data[0].b64_json) == edit_output_size(30, 18) == (848, 512)
     assert result.size == "848x512"
 
 
 def test_irg_edit_streams_the_draft_first(_client: openai.OpenAI) -> None:
-    stream = _client.images.edit(image=("in.png", png(18, 30), "image/png"), prompt="Make it blue.", stream=True,
-                                 partial_images=1, extra_body={**FAST, "mode": "irg"})
+    stream = _client.images.edit(
+        image=("in.png", png(18, 30), "image/png"),
+        prompt="Make it blue.",
+        stream=True,
+        partial_images=1,
+        extra_body={**FAST, "mode": "irg"},
+    )
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     draft, final = events
@@ -54,14 +63,24 @@ def test_irg_edit_streams_the_draft_first(_client: openai.OpenAI) -> None:
 
 def test_chat_completion_about_an_image(_client: openai.OpenAI) -> None:
     url = "data:image/png;base64," + base64.b64encode(png(40, 24)).decode()
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What does this image show?"},
-                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What does this image show?"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }
+    ]
     whole = _client.chat.completions.create(model="bagel-7b-mot", messages=messages, max_tokens=5)
     answer = whole.choices[0].message.content
     assert whole.object == "chat.completion" and whole.usage.completion_tokens <= 5
     assert whole.choices[0].finish_reason in ("stop", "length") and isinstance(answer, str)
-    chunks = list(_client.chat.completions.create(model="bagel-7b-mot", messages=messages, max_tokens=5,
-                                                  stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        _client.chat.completions.create(
+            model="bagel-7b-mot", messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == answer  # greedy: the streamed answer is the same answer
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -74,5 +93,15 @@ def test_openai_errors_reach_the_client(_client: openai.OpenAI) -> None:
         Image.new("RGB", (32, 32)).save(buf, "GIF")
         _client.images.edit(image=("in.gif", buf.getvalue(), "image/gif"), prompt="x")
     with pytest.raises(openai.BadRequestError, match="never fetched"):
-        _client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}])
+        _client.chat.completions.create(
+            model="m",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what?"},
+                        {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}},
+                    ],
+                }
+            ],
+        )

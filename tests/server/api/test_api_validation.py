@@ -93,25 +93,34 @@ def test_range_is_named_in_the_message(client: TestClient) -> None:
     assert "[2, 200]" in error["message"]
 
 
-@pytest.mark.parametrize("text", ['{"prompt": NaN, "width": 64}', '{"prompt": "x", "steps": 4, "guidance": '
-                                  '[{"text_scale": NaN}]}', '{"prompt": "x", "guidance": [{"image_scale": Infinity}]}',
-                                  '{"prompt": "x", "thinking": {"temperature": -Infinity}}',
-                                  '{"prompt": "x", "guidance": [{"text_scale": 1e400}]}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"prompt": NaN, "width": 64}',
+        '{"prompt": "x", "steps": 4, "guidance": [{"text_scale": NaN}]}',
+        '{"prompt": "x", "guidance": [{"image_scale": Infinity}]}',
+        '{"prompt": "x", "thinking": {"temperature": -Infinity}}',
+        '{"prompt": "x", "guidance": [{"text_scale": 1e400}]}',
+    ],
+)
 def test_nan_and_inf_are_refused(client: TestClient, text: str) -> None:
     r = client.post("/v1/generations", content=text, headers={"content-type": "application/json"})
     assert r.status_code == 422
 
 
-@pytest.mark.parametrize(("content", "ctype"), [
-    (b'{"prompt": "a fox", ', "application/json"),
-    (b"not json at all", "application/json"),
-    (b"[1, 2, 3]", "application/json"),
-    (b"null", "application/json"),
-    (b'{"prompt": "\xff\xfe broken utf-8"}', "application/json"),
-    (b"\xc3\x28", "application/json"),
-    (b'{"prompt": "a fox"}', "text/plain"),
-    (b"", "application/json"),
-])
+@pytest.mark.parametrize(
+    ("content", "ctype"),
+    [
+        (b'{"prompt": "a fox", ', "application/json"),
+        (b"not json at all", "application/json"),
+        (b"[1, 2, 3]", "application/json"),
+        (b"null", "application/json"),
+        (b'{"prompt": "\xff\xfe broken utf-8"}', "application/json"),
+        (b"\xc3\x28", "application/json"),
+        (b'{"prompt": "a fox"}', "text/plain"),
+        (b"", "application/json"),
+    ],
+)
 def test_broken_bodies_are_4xx(client: TestClient, content: bytes, ctype: str) -> None:
     r = client.post("/v1/generations", content=content, headers={"content-type": ctype})
     assert 400 <= r.status_code < 500, r.text
@@ -132,14 +141,17 @@ def test_a_30_mb_body_is_refused(client: TestClient) -> None:
     assert r.status_code == 413
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/generations/gen_000000000000000000000000",
-    "/v1/generations/nope",
-    "/v1/generations/' OR 1=1 --",
-    "/v1/generations/gen_000000000000000000000000/events",
-    "/v1/generations/gen_000000000000000000000000/images/final",
-    "/v1/generations/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/generations/gen_000000000000000000000000",
+        "/v1/generations/nope",
+        "/v1/generations/' OR 1=1 --",
+        "/v1/generations/gen_000000000000000000000000/events",
+        "/v1/generations/gen_000000000000000000000000/images/final",
+        "/v1/generations/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    ],
+)
 def test_unknown_jobs_are_404(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 404
     assert client.delete(path).status_code in (404, 405)

@@ -39,8 +39,9 @@ class Pair:
 
 @pytest.fixture(params=["memory", "redis"])
 async def q(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Pair]:
-    s = settings.model_copy(update={"queue_max": 3, "lease_s": 0.4, "max_attempts": 2, "result_ttl_s": 1,
-                                    "redis_url": REDIS_URL})
+    s = settings.model_copy(
+        update={"queue_max": 3, "lease_s": 0.4, "max_attempts": 2, "result_ttl_s": 1, "redis_url": REDIS_URL}
+    )
     if request.param == "memory":
         backend = MemoryQueue(s)
         yield Pair(backend, backend, s)
@@ -108,7 +109,7 @@ async def test_events_resume_after_any_id(q: Pair) -> None:
     ids = [e.id for e in events]
     assert len(set(ids)) == len(ids) == 7
     for i, event_id in enumerate(ids):
-        assert [e.id for e in await q.api.read_events(job.id, event_id, 0.01)] == ids[i + 1:]
+        assert [e.id for e in await q.api.read_events(job.id, event_id, 0.01)] == ids[i + 1 :]
     reader = asyncio.ensure_future(q.api.read_events(job.id, ids[-1], 5.0))
     await asyncio.sleep(0.1)
     q.worker.emit(claim, "image.done", {"job_id": job.id}, {"images": "[]"})
@@ -121,8 +122,9 @@ async def test_emit_updates_fields_and_finish_ends(q: Pair) -> None:
     claim = await q.claim()
     assert claim is not None
     texts = [{"round": 1, "kind": "thinking", "text": "a plan", "done": False}]
-    q.worker.emit(claim, "thinking.delta", {"job_id": job.id, "round": 1, "text": "a plan"},
-                  {"texts": json.dumps(texts)})
+    q.worker.emit(
+        claim, "thinking.delta", {"job_id": job.id, "round": 1, "text": "a plan"}, {"texts": json.dumps(texts)}
+    )
     assert (await q.api.get(job.id)).texts == texts
     q.worker.put_image(claim, 1, b"png bytes")
     assert await q.api.get_image(job.id, 1) == b"png bytes"

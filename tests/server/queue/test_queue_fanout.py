@@ -22,8 +22,9 @@ async def queues(redis_settings: Settings) -> AsyncIterator[tuple[RedisJobQueue,
     worker.close()
 
 
-async def test_many_watchers_share_one_read(queues: tuple[RedisJobQueue, RedisWorkerQueue],
-                                            redis_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_many_watchers_share_one_read(
+    queues: tuple[RedisJobQueue, RedisWorkerQueue], redis_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(fanout, "BUFFER", 8)
     api, worker = queues
     req = GenerateRequest(prompt="a fox", width=64, height=64, steps=4)
