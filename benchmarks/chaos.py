@@ -262,7 +262,7 @@ class Reader:
                     name, _, value = line.partition(":")
                     event[name] = value[1:] if value.startswith(" ") else value
                 continue
-            if "data" not in event:
+            if "data" not in event or "id" not in event:  # ephemeral events (previews, stream.resumed) have no id
                 event = {}
                 continue
             self.events.append((event.get("id", ""), event.get("event", "message"), event["data"]))
@@ -494,7 +494,8 @@ class Chaos:
                     name, _, value = line.partition(":")
                     event[name] = value[1:] if value.startswith(" ") else value
                 elif not line and "data" in event:
-                    events.append((event.get("id", ""), event.get("event", "message"), event["data"]))
+                    if "id" in event:  # durable events only (previews and stream.resumed have no id)
+                        events.append((event.get("id", ""), event.get("event", "message"), event["data"]))
                     event = {}
         return events
 

@@ -85,7 +85,8 @@ def test_worker_counts_a_cancel(settings: Settings) -> None:
 
 
 def test_http_requests_by_route_template_and_status(settings: Settings) -> None:
-    s = settings.model_copy(update={"max_body_bytes": 1024})
+    # /v1/generations takes uploads (edits): its bodies are bounded by max_upload_bytes
+    s = settings.model_copy(update={"max_body_bytes": 1024, "max_upload_bytes": 1024})
     with TestClient(create_app(s, MemoryQueue(s))) as c:
         assert c.get("/v1/generations/gen_" + "0" * 24).status_code == 404
         assert c.get("/no/such/path").status_code == 404

@@ -118,8 +118,9 @@ def irg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(irg_home: Path) -> Iterator[Server]:
-    """The server as `irg serve` runs it, with a one-job queue so that a full queue is quick to reach."""
-    s = start_server(irg_home, "server", queue_max="1", retry_after_s="3")
+    """The server as `irg serve` runs it, one job at a time with a one-job queue, so that a full queue is quick to
+    reach (a worker claims up to IRG_MAX_ACTIVE jobs, which would empty the queue)."""
+    s = start_server(irg_home, "server", queue_max="1", retry_after_s="3", max_active="1")
     yield s
     stop_server(s)
 

@@ -80,6 +80,8 @@ class Reader:
                         self.errors.append(f"{self.job_id}: {r.status_code} {r.read()[:200]!r}")
                         return
                     for e in sse_events(r.iter_lines()):
+                        if "id" not in e:
+                            continue  # ephemeral (previews, stream.resumed): not in the durable log
                         self.seen.append(e)
                         last = e["id"]
                         if e["event"] in ("completed", "failed", "cancelled"):

@@ -241,7 +241,7 @@ async def test_input_images_travel_with_the_job_to_every_attempt(q: Pair) -> Non
     Image.fromarray(np.arange(24 * 40 * 3, dtype=np.uint8).reshape(24, 40, 3)).save(buf, "PNG")
     inputs = check_input_images([buf.getvalue()], q.s)
     req = GenerateRequest(prompt="make it red", mode="direct", steps=4)
-    job = new_job(build_params(req, req.prompt, None, None, q.s, inputs), "", False, None, inputs)
+    job = new_job(build_params(req, req.prompt, None, None, q.s, inputs=inputs), "", False, None, inputs)
     assert (job.params["width"], job.params["height"]) == (848, 512) and job.params["edit"]
     await q.api.submit(job)
     first = await q.claim("w1")
