@@ -48,7 +48,7 @@ from irg_core.params import (
     image_rounds,
 )
 from irg_core.programs import _Run, default_system_prompt, prefill_image
-from irg_core.scheduler import CANCELLED, FAILED, Scheduler, elapsed
+from irg_core.scheduler import drive, elapsed, run_alone
 from irg_core.steps import DecodeStep, Decoding, Emit, EncodeVit, Free, PrefillImage, PrefillText, Stamp
 from irg_core.tokenizer import StreamDecoder
 from irg_core.transforms import VAE_TRANSFORM, VIT_TRANSFORM
@@ -340,26 +340,3 @@ def run_understanding(
 ) -> UnderstandingResult:
     """Answer `params.question` about `images` (PIL RGB, in order), streaming `answer.delta` / `answer.done`."""
     return run_alone(engine, *prepare_understanding(engine, params, images, keep_logits), on_event, should_cancel)
-
-
-def drive(engine: Engine, program: Gen) -> Any:
-    """Run a program's units one at a time, outside any scheduler, and return its value."""
-    reply = None
-    try:
-        while True:
-            reply = engine.run_one(program.send(reply))
-    except StopIteration as stop:
-        return stop.value
-
-
-def run_alone(
-    engine: Engine, program: Gen, pages: int, on_event: EventSink | None, should_cancel: Callable[[], bool] | None
-) -> Any:
-    """One program through a scheduler of its own, to its end (its error, or Cancelled, is raised)."""
-    scheduler = Scheduler(engine, max_active=1)
-    job = scheduler.submit(program, pages, on_event, should_cancel)
-    scheduler.run([job])
-    if job.status in (CANCELLED, FAILED):
-        assert job.error is not None
-        raise job.error
-    return job.result

@@ -399,3 +399,31 @@ def execute_alone(engine: Any, unit: Any, on_event: Callable[[Any], None] | None
     if run is None:
         raise TypeError(f"not a unit of work: {unit!r}")
     return run(engine, unit)
+
+
+def drive(engine: Any, program: Program) -> Any:
+    """Run a program's units one at a time, outside any scheduler (no packing, no ownership), and return its
+    value: for tests that look at one stage at a time."""
+    reply = None
+    try:
+        while True:
+            reply = execute_alone(engine, program.send(reply))
+    except StopIteration as stop:
+        return stop.value
+
+
+def run_alone(
+    engine: Any,
+    program: Program,
+    pages: int,
+    sink: EventSink | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Any:
+    """One program through a scheduler of its own, to its end; its error (or `Cancelled`) is raised."""
+    scheduler = Scheduler(engine, max_active=1)
+    job = scheduler.submit(program, pages, sink, should_cancel)
+    scheduler.run([job])
+    if job.status in (CANCELLED, FAILED):
+        assert job.error is not None
+        raise job.error
+    return job.result

@@ -1,20 +1,7 @@
-"""The trajectories: `irg` (plan, draft, reflect, refine, ... R image rounds), `think` (plan, one image) and
-`direct` (one image): `run_trajectory` drives one trajectory through the scheduler to the end. The recipes
-themselves are step programs in `irg_core.programs`; the worker runs many at once on one `Scheduler`.
+"""`run_trajectory`: one trajectory (text to image, or an edit) through a scheduler of its own, to its end.
 
-IRG (Osilly/Interleaving-Reasoning-Generation `tiif_multi_turn_gen.py`, BAGEL_SPEC §10), with S the system
-prompt, P the prompt, T_k the k-th thought and I_k the k-th image (VAE block then ViT block):
-- round 1: cond = [S, P, T_1]; without text = [S].
-- round k >= 2: cond = [S, P, T_1, I_1, ..., T_{k-1}, I_{k-1}, T_k]; without text = cond minus T_k;
-  without image = [S, P, T_1, ..., T_k] (texts only, so its RoPE positions differ from cond's).
-All contexts are views of one KV pool; the text-only context extends [S, P, T_1] in place instead of
-re-prefilling it.
-
-Seeds (the reproducibility contract): round k's initial noise is
-`randn((tokens, 64), generator=Generator('cpu').manual_seed(seed + k - 1))`; the VAE posterior noise when
-image k is put back into the context comes from `manual_seed(seed + R + k - 1)`; sampled thoughts
-(temperature > 0) of round k draw their Gumbel-max noise from the counter-based stream keyed by
-`seed + 2R + k - 1` (`irg_core.sampling`), so the same seed gives the same thought alone or batched.
+The recipes themselves, their contexts and their seed contract are step programs in `irg_core.programs` (and
+`irg_core.recipes` for edits and understanding); the worker runs many at once on one `Scheduler`.
 """
 
 from __future__ import annotations
@@ -35,7 +22,7 @@ from irg_core.programs import (  # noqa: F401  (re-exported: the public names of
     pool_budget,
     prepare,
 )
-from irg_core.scheduler import CANCELLED, FAILED, Scheduler
+from irg_core.scheduler import run_alone
 
 EventSink = Callable[[EngineEvent], None]
 
@@ -76,13 +63,7 @@ def run_trajectory(
     program, pages = prepare_any(engine, params, images, keep_tensors, fixed_thoughts)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    scheduler = Scheduler(engine, max_active=1)
-    job = scheduler.submit(program, pages, on_event, should_cancel)
-    scheduler.run([job])
-    if job.status in (CANCELLED, FAILED):
-        assert job.error is not None
-        raise job.error
-    result: TrajectoryResult = job.result
+    result: TrajectoryResult = run_alone(engine, program, pages, on_event, should_cancel)
     if engine.device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(engine.device)
     return result
