@@ -116,10 +116,6 @@ class Engine:
         self._latent_rgb: LatentRGB | None = None  # the fast preview map, fitted on first use
 
     # -- pool ---------------------------------------------------------------------------------------
-    @property
-    def pool_tokens(self) -> int:
-        return self.pool.num_pages * self.page_size
-
     def pages_for(self, tokens: int, segments: int) -> int:
         """Pages a trajectory can occupy: its tokens plus one partly filled page per separately grown piece."""
         return pages_needed(tokens, self.page_size) + segments + 2

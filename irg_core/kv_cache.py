@@ -129,12 +129,6 @@ class KVPool:
                 self._refs[page] += 1
         return Context(tuple(pages), ctx.length + n, ctx.rope), slots
 
-    def retain(self, ctx: Context) -> Context:
-        """Another reference to every page of `ctx` (for a second owner of the same view)."""
-        for page in ctx.pages:
-            self._refs[page] += 1
-        return ctx
-
     def free(self, ctx: Context) -> None:
         """Drop `ctx`'s reference to each of its pages; pages nobody holds go back to the free list."""
         for page in ctx.pages:

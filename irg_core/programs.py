@@ -294,8 +294,11 @@ class _Run:
             RoundResult(k, self.kind(k), text, ids, self.p.guidance[k - 1], np.asarray(image), truncated)
         )
 
-    def finish(self) -> TrajectoryResult:
+    def finish(self, start: Mark) -> Gen:
+        """The result, its stage timings resolved and its total measured from `start`."""
+        end = yield Stamp()
         self.result.stages = [StageTiming(stage, k, elapsed(a, b), **counts) for stage, k, a, b, counts in self.marks]
+        self.result.total_seconds = elapsed(start, end)
         return self.result
 
 
@@ -318,20 +321,24 @@ def trajectory_program(
         return with_system, (yield PrefillText(with_system, tok.frame(params.prompt)))
 
     with_system, main = yield from run.timed("prefill", 0, prefill())
-    if params.mode == "direct":
-        image = yield from run.image(1, Branches(main, with_system, main))
-        run.record(1, None, [], image)
-    elif params.mode == "think":
-        ids, text, truncated = yield from run.think(main, 1)
-        cond = yield PrefillText(main, tok.frame(text))
-        image = yield from run.image(1, Branches(cond, with_system, main))
-        run.record(1, text, ids, image, truncated)
-    else:
+    if params.mode == "irg":
         yield from _irg(run, main, with_system)
-    end = yield Stamp()
-    result = run.finish()
-    result.total_seconds = elapsed(start, end)
-    return result
+    else:
+        yield from one_image(run, main, with_system, main)
+    return (yield from run.finish(start))
+
+
+def one_image(run: _Run, main: Context, no_text: Context, no_img: Context) -> Gen:
+    """BAGEL's single-image modes after the prefill: `direct` draws from `main`; `think` first decodes a
+    thought from it and adds it to the conditional context only."""
+    if run.p.mode == "direct":
+        image = yield from run.image(1, Branches(main, no_text, no_img))
+        run.record(1, None, [], image)
+        return
+    ids, text, truncated = yield from run.think(main, 1)
+    cond = yield PrefillText(main, run.e.tok.frame(text))
+    image = yield from run.image(1, Branches(cond, no_text, no_img))
+    run.record(1, text, ids, image, truncated)
 
 
 def _irg(run: _Run, main: Context, no_text: Context) -> Gen:

@@ -47,7 +47,7 @@ from irg_core.params import (
     UnderstandingParams,
     image_rounds,
 )
-from irg_core.programs import _Run, default_system_prompt, prefill_image
+from irg_core.programs import _Run, default_system_prompt, one_image, prefill_image
 from irg_core.scheduler import drive, elapsed, run_alone
 from irg_core.steps import DecodeStep, Decoding, Emit, EncodeVit, Free, PrefillImage, PrefillText, Stamp
 from irg_core.tokenizer import StreamDecoder
@@ -163,20 +163,11 @@ def edit_program(
     system_ids = tok.frame(system) if system else []
     contexts = edit_contexts_program(system_ids, tok.frame(params.prompt), resized, input_eps_seed(params))
     with_image, main, texts = yield from run.timed("prefill", 0, contexts)
-    if params.mode == "direct":
-        out = yield from run.image(1, Branches(main, with_image, texts))
-        run.record(1, None, [], out)
-    elif params.mode == "think":
-        ids, text, truncated = yield from run.think(main, 1)
-        cond = yield PrefillText(main, tok.frame(text))
-        out = yield from run.image(1, Branches(cond, with_image, texts))
-        run.record(1, text, ids, out, truncated)
-    else:
+    if params.mode == "irg":
         yield from _irg_edit(run, main, with_image, texts)
-    end = yield Stamp()
-    result = run.finish()
-    result.total_seconds = elapsed(start, end)
-    return result
+    else:
+        yield from one_image(run, main, with_image, texts)
+    return (yield from run.finish(start))
 
 
 def prepare_edit(

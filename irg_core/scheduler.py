@@ -102,10 +102,6 @@ class Job:
     done_ids: int = 0
 
     @property
-    def finished_ok(self) -> bool:
-        return self.status == DONE
-
-    @property
     def over(self) -> bool:
         return self.status in (DONE, FAILED, CANCELLED)
 
@@ -155,14 +151,6 @@ class Scheduler:
         job = Job(program, pages, sink, should_cancel, name)
         self.waiting.append(job)
         return job
-
-    @property
-    def free_slots(self) -> int:
-        return max(0, self.max_active - len(self.active))
-
-    @property
-    def idle(self) -> bool:
-        return not self.active and not self.waiting
 
     def cancel(self, job: Job, error: BaseException | None = None) -> None:
         """Stop `job` now: close its program and give its pages back (others are unaffected)."""
