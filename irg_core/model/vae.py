@@ -16,6 +16,19 @@ from torch.nn import functional as F
 from irg_core.config import VAEConfig
 
 
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters and keys). On the CPU a bfloat16 convolution is computed in float32 from
+    the bf16 values and rounded once to bf16, which is what a GPU's bf16 kernel computes (float32
+    accumulation, one rounding of the output). PyTorch's own CPU bf16 convolution falls back to a reference
+    kernel where oneDNN has no bf16 support (no AVX-512): about 100x slower, minutes for one 512² encode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            bias = None if self.bias is None else self.bias.float()
+            return self._conv_forward(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+        return super().forward(x)
+
+
 def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
@@ -40,9 +53,9 @@ def _norm(ch: int) -> nn.GroupNorm:
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.norm1, self.conv1 = _norm(cin), Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
         h = _conv(self.conv1, swish(_norm_out(self.norm1, x, mixed)))
@@ -56,7 +69,7 @@ class AttnBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.norm = _norm(ch)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+        self.q, self.k, self.v, self.proj_out = (Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x: Tensor, mixed: bool = False) -> Tensor:
         h = _norm_out(self.norm, x, mixed)
@@ -69,7 +82,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+        self.conv = Conv2d(ch, ch, 3, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -78,7 +91,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -105,7 +118,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, mult = cfg.ch, cfg.ch_mult
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
         levels, cin = [], ch
         for i, m in enumerate(mult):
             blocks = []
@@ -116,7 +129,7 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList(levels)
         self.mid = _Mid(cin)
         self.norm_out = _norm(cin)
-        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
     def stages(self, mixed: bool = False) -> list[Callable[[Tensor], Tensor]]:
         """The encoder as a sequence of functions (a caller may stop between two of them)."""
@@ -141,7 +154,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, mult = cfg.ch, cfg.ch_mult
         cin = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, cin, 3, padding=1)
         self.mid = _Mid(cin)
         levels: list[_Level] = []
         for i in reversed(range(len(mult))):
@@ -152,7 +165,7 @@ class Decoder(nn.Module):
             levels.insert(0, _Level(blocks, Upsample(cin) if i > 0 else None, "upsample"))
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(cin)
-        self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(cin, cfg.out_ch, 3, padding=1)
 
     def stages(self, mixed: bool = False) -> list[Callable[[Tensor], Tensor]]:
         """The decoder as a sequence of functions (a caller may stop between two of them)."""

@@ -134,8 +134,10 @@ def _check_image_round(engine: Engine, G, k: int, branches: Branches, g: RoundGu
     assert rel(seen[("no_text", 0)], G[pre + "step0_v_cfg_text"]) < 1e-3
     if k == 2:
         assert rel(seen[("no_img", 0)], G[pre + "step0_v_cfg_img"]) < 1e-3
-    # round 2 guides with text x image (x8): the sporadic bf16 flips of its image KV are amplified
-    assert rel(seen[("v_t", 0)], G[pre + "v_t_first"]) < (1e-3 if k == 1 else 1e-2)
+    # Guidance amplifies the branches' differences (text x4 in round 1, text x image x8 in round 2): the
+    # goldens' README puts a valid float32 implementation at ~1 % of max|v| in round 1 and 1.5-3.6 % in round
+    # 2; other CPUs' kernels sum in another order (1.8e-3 seen on an AVX2-only EPYC in round 1).
+    assert rel(seen[("v_t", 0)], G[pre + "v_t_first"]) < 1e-2
     steps = case["num_timesteps"] - 1
     for i in range(steps):
         assert rel(seen[("x_t", i)], G[pre + "x_t"][i]) < 0.02, f"x_t step {i}"

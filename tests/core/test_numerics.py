@@ -148,3 +148,19 @@ def test_timestep_frequencies_come_from_the_cpu(monkeypatch: pytest.MonkeyPatch)
     emb = TimestepEmbedder(32).to("meta")
     out = emb.features(torch.tensor([0.5], device="meta"))  # a device that computes nothing
     assert out.device.type == "meta" and devices == ["cpu"]
+
+
+def test_cpu_bf16_convolution_is_the_gpu_kernels_result() -> None:
+    """The VAE's bf16 convolution on the CPU (float32 sums of the bf16 values, one rounding) agrees with
+    PyTorch's own bf16 kernel to one bf16 rounding step, and keeps the bf16 dtype."""
+    from irg_core.model.vae import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(8, 16, 3, padding=1).to(BF16)
+    x = torch.randn(1, 8, 12, 12).to(BF16)
+    ours = conv(x)
+    native = torch.nn.Conv2d.forward(conv, x)
+    assert ours.dtype == BF16
+    assert torch.equal(ours, F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1).to(BF16))
+    ulp = native.float().abs().clamp(min=1e-3) * 2.0**-7
+    assert bool(((ours.float() - native.float()).abs() <= ulp).all())
