@@ -106,3 +106,16 @@ def test_a_28_layer_decode_token_costs_at_most_1300_aten_ops(golden_dir: Path) -
     with Count():
         e.run_decode([DecodeStep(seq)])
     assert Count.n <= 1300, Count.n
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_rows_linear_is_the_linear_layer(rows: int) -> None:
+    """The decode step's projection (weight @ x^T) computes F.linear."""
+    from torch.nn import functional as F
+
+    from irg_core.model.qwen2_mot import rows_linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 64, generator=g), torch.randn(96, 64, generator=g)
+    torch.testing.assert_close(rows_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert rows_linear(x, w).shape == (rows, 96)

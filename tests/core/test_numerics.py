@@ -164,3 +164,16 @@ def test_cpu_bf16_convolution_is_the_gpu_kernels_result() -> None:
     assert torch.equal(ours, F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1).to(BF16))
     ulp = native.float().abs().clamp(min=1e-3) * 2.0**-7
     assert bool(((ours.float() - native.float()).abs() <= ulp).all())
+
+
+def test_bf16_rms_norm_normalises_in_float32_then_rounds() -> None:
+    """Qwen2's RMSNorm on bf16 activations: float32 normalisation, one rounding to bf16, then the bf16 weight."""
+    from irg_core.model.qwen2_mot import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 512, generator=g) * 3).to(BF16)
+    w = (1 + 0.1 * torch.randn(512, generator=g)).to(BF16)
+    ref = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(BF16)
+    out = rms_norm(x, w, 1e-6)
+    assert out.dtype == BF16
+    assert float((out.float() - ref.float()).abs().max()) <= float(ref.float().abs().max()) * 2.0**-7
