@@ -83,7 +83,7 @@ def test_generate_and_bench_examples_run(tmp_path: Path, demo_dir: Path) -> None
         if args[0] not in ("generate", "bench"):
             continue
         # generate on the demo checkpoint; bench as written (a packaged config by name): both outside the checkout
-        extra = ["--model-dir", str(demo_dir)] if args[0] == "generate" else ["--repeats", "1"]
+        extra = ["--model-dir", str(demo_dir)] if args[0] == "generate" else ["--repeats", "1", "--no-warmup"]
         cwd = tmp_path
         p = subprocess.run(
             [sys.executable, "-m", "server.cli", *args, *extra],

@@ -127,8 +127,8 @@ def server(irg_home: Path) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def keyed_server(irg_home: Path) -> Iterator[Server]:
-    """A server with API keys on, whose jobs fail (timeout) after 20 s."""
-    s = start_server(irg_home, "keyed-server", api_keys=API_KEY, job_timeout_s="20")
+    """A server with API keys on, whose jobs fail (timeout) after 10 s (the small jobs take a second or two)."""
+    s = start_server(irg_home, "keyed-server", api_keys=API_KEY, job_timeout_s="10")
     yield s
     stop_server(s)
 

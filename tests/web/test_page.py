@@ -346,12 +346,12 @@ def test_api_key_and_failed_job(browser, keyed_server):
     )
     assert all(i["src"].startswith("blob:") for i in loaded_images(browser)), "images not fetched with the key"
 
-    fill(browser, **HUGE)  # runs longer than the server's 20 s job timeout
+    fill(browser, **HUGE)  # runs longer than the server's 10 s job timeout
     browser.find_element(By.ID, "submit").click()
     s = wait_until_ended(browser)
     assert s["status"] == "failed", report(browser)
     error = browser.find_element(By.ID, "run-error")
-    assert error.is_displayed() and re.fullmatch(r"The job failed: .*longer than 20 s \(timeout\)\.", error.text)
+    assert error.is_displayed() and re.fullmatch(r"The job failed: .*longer than 10 s \(timeout\)\.", error.text)
     assert browser.find_element(By.ID, "status").text == "Failed."
 
 
