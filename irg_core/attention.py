@@ -106,8 +106,68 @@ def gather_pages(pool: Tensor, pages: tuple[int, ...], length: int, meta: AttnMe
     return pool[index].flatten(0, 1)[:length]  # type: ignore[index]
 
 
+# The shapes of the engine's SDPA calls: (query rows, key rows, masked?) per sequence.
+CALL_SHAPES = {
+    "prefill (causal)": (16, 48, True),
+    "image block (bidirectional)": (16, 48, False),
+    "guidance branches (packed)": (16, 48, False),
+    "decode (one row per sequence)": (1, 48, True),
+}
+FUSED_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    kernel: str  # the SDPA backend's name, "MATH" when no fused kernel takes the shape
+    expand_kv: bool  # the fused kernel needs the key/value heads repeated to the query heads (no GQA support)
+
+
+def probe_sdpa_kernels(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+) -> dict[str, KernelChoice]:
+    """For each call shape the engine makes, the first fused SDPA kernel that accepts it: with the key heads
+    as they are (`enable_gqa`), else with them expanded to the query heads; MATH when none does. Run once when
+    an engine is built (a few tiny calls); the backend then expands exactly where a fused kernel needs it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict[str, KernelChoice] = {}
+    for shape, (n, length, masked) in CALL_SHAPES.items():
+        q = torch.zeros(1, heads, n, head_dim, device=device, dtype=dtype)
+        k = torch.zeros(1, kv_heads, length, head_dim, device=device, dtype=dtype)
+        mask = torch.ones(n, length, device=device, dtype=torch.bool).tril(length - n) if masked else None
+        choice = KernelChoice("MATH", False)
+        for name in FUSED_KERNELS:
+            kernel = getattr(SDPBackend, name, None)
+            if kernel is None:
+                continue
+            for expand in (False, True):
+                kk = k.repeat_interleave(heads // kv_heads, dim=1) if expand else k
+                try:
+                    with sdpa_kernel([kernel]):
+                        F.scaled_dot_product_attention(q, kk, kk, attn_mask=mask, enable_gqa=not expand)
+                except RuntimeError:
+                    continue
+                choice = KernelChoice(name, expand)
+                break
+            if choice.kernel != "MATH":
+                break
+        out[shape] = choice
+    return out
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, expand: bool) -> Tensor:
+    """SDPA over grouped key heads: by `enable_gqa`, or with the key/value heads repeated (`expand`)."""
+    if expand and k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 class SdpaBackend:
     name = "sdpa"
+
+    def __init__(self, expand_kv: frozenset[str] = frozenset()) -> None:
+        self.expand_kv = expand_kv  # call shapes (CALL_SHAPES keys) whose fused kernel needs expanded KV heads
 
     def packed(self, q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:
         """q [T, H, D]; pools [pages, page_size, Hkv, D] -> [T, H, D]."""
@@ -127,7 +187,10 @@ class SdpaBackend:
             if meta.causal and n > 1:  # query row i sees the past and new rows 0..i (bottom-right aligned)
                 rows = torch.arange(n, device=q.device)[:, None] + (length - n)
                 mask = torch.arange(length, device=q.device)[None, :] <= rows
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+            expand = bool(self.expand_kv) and (
+                ("prefill (causal)" if mask is not None else "image block (bidirectional)") in self.expand_kv
+            )
+            o = _sdpa(qs, k, v, mask, expand)
             out[s.q_start : s.q_end] = o[0].transpose(0, 1)
         return out
 
@@ -135,7 +198,7 @@ class SdpaBackend:
         """q [B, H, D]; flat pools [slots, Hkv, D] -> [B, H, D], each row over its own valid key slots."""
         k = flat_k[buf.key_slots].transpose(1, 2)  # [B, Hkv, L, D]
         v = flat_v[buf.key_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=buf.mask, enable_gqa=True)
+        o = _sdpa(q.unsqueeze(2), k, v, buf.mask, "decode (one row per sequence)" in self.expand_kv)
         return o.squeeze(2)
 
 
@@ -143,6 +206,7 @@ class VarlenBackend(SdpaBackend):
     name = "varlen"
 
     def __init__(self) -> None:
+        super().__init__()
         from torch.nn.attention.varlen import varlen_attn  # fails at start when this torch lacks it
 
         self._varlen = varlen_attn

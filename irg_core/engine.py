@@ -25,7 +25,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from irg_core.attention import AttnMeta, DecodeBuffers, SdpaBackend, Seq, make_backend
+from irg_core.attention import (
+    AttnMeta,
+    DecodeBuffers,
+    KernelChoice,
+    SdpaBackend,
+    Seq,
+    make_backend,
+    probe_sdpa_kernels,
+)
 from irg_core.kv_cache import EMPTY, Context, KVPool, pages_needed
 from irg_core.loader import LoadedModel
 from irg_core.model.qwen2_mot import RopeTable, RowGroups, fuse_projections
@@ -99,6 +107,16 @@ class Engine:
         # KV is bfloat16 as in the official code; with float32 weights it is kept in float32 holding bf16 values.
         self.kv_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
         self.backend: SdpaBackend = make_backend(attention)
+        # Which SDPA kernel each call shape reaches (probed on CUDA, where it matters; the driver logs it),
+        # and the shapes whose fused kernel needs the key/value heads expanded.
+        self.attention_kernels: dict[str, KernelChoice] = {}
+        if self.device.type == "cuda":
+            llm = self.cfg.llm
+            head_dim = llm.hidden_size // llm.num_attention_heads
+            self.attention_kernels = probe_sdpa_kernels(
+                self.device, self.kv_dtype, llm.num_attention_heads, llm.num_key_value_heads, head_dim
+            )
+            self.backend.expand_kv = frozenset(k for k, c in self.attention_kernels.items() if c.expand_kv)
         fuse_projections(self.model.language_model)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
         pages = max(4, budget // (kv_bytes_per_token(loaded, self.kv_dtype) * page_size))

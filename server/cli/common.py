@@ -131,6 +131,18 @@ def open_engine(args: argparse.Namespace) -> Engine:
     else:
         loaded = load_model(args.model_dir or ensure_demo(), args.device, dtype)
     try:
-        return Engine(loaded, attention=args.attention, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+        engine = Engine(loaded, attention=args.attention, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     except (BackendUnavailable, ValueError) as e:
         raise CommandError(str(e)) from e
+    log_attention_kernels(engine)
+    return engine
+
+
+def log_attention_kernels(engine: Engine) -> None:
+    """Say, once at start-up, which SDPA kernel each attention call shape reaches (probed on CUDA only)."""
+    import logging
+
+    log = logging.getLogger("weights")  # the start-up logger (see show_weights_log)
+    for shape, choice in engine.attention_kernels.items():
+        how = "key heads expanded" if choice.expand_kv else "grouped key heads"
+        log.info("attention %s: %s (%s)", shape, choice.kernel.lower(), how)

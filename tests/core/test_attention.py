@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from irg_core.attention import AttnMeta, BackendUnavailable, DecodeBuffers, SdpaBackend, Seq, make_backend
+from irg_core.attention import (
+    CALL_SHAPES,
+    AttnMeta,
+    BackendUnavailable,
+    DecodeBuffers,
+    SdpaBackend,
+    Seq,
+    make_backend,
+    probe_sdpa_kernels,
+)
+
+# Grouped key heads as they are, and expanded to the query heads (where a fused CUDA kernel needs it).
+BACKENDS = [SdpaBackend(), SdpaBackend(frozenset(CALL_SHAPES))]
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -22,7 +35,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v)
 
 
-def test_paged_attention_matches_dense_for_scattered_pages() -> None:
+@pytest.mark.parametrize("backend", BACKENDS, ids=["gqa", "expanded"])
+def test_paged_attention_matches_dense_for_scattered_pages(backend: SdpaBackend) -> None:
     torch.manual_seed(0)
     page, pages, hkv, d = 4, 12, 2, 8
     kp, vp = torch.randn(pages, page, hkv, d), torch.randn(pages, page, hkv, d)
@@ -32,14 +46,15 @@ def test_paged_attention_matches_dense_for_scattered_pages() -> None:
     rows = [(0, 4), (4, 7), (7, 9)]
     seqs = [Seq(a, b, p, n) for (a, b), p, n in zip(rows, layouts, lengths)]
     for causal in (False, True):
-        out = SdpaBackend().packed(q, kp, vp, AttnMeta(seqs, causal))
+        out = backend.packed(q, kp, vp, AttnMeta(seqs, causal))
         for (a, b), p, n in zip(rows, layouts, lengths):
             k = kp[list(p)].flatten(0, 1)[:n]
             v = vp[list(p)].flatten(0, 1)[:n]
             torch.testing.assert_close(out[a:b], reference(q[a:b], k, v, causal), atol=1e-5, rtol=1e-5)
 
 
-def test_decode_rows_each_attend_their_own_context() -> None:
+@pytest.mark.parametrize("backend", BACKENDS, ids=["gqa", "expanded"])
+def test_decode_rows_each_attend_their_own_context(backend: SdpaBackend) -> None:
     """B decode rows over one pool, each with its own scattered pages and length, via device buffers."""
     torch.manual_seed(1)
     page, pages, hkv, d = 4, 12, 2, 8
@@ -52,7 +67,7 @@ def test_decode_rows_each_attend_their_own_context() -> None:
         buf.key_slots[i, : slots.shape[0]] = slots
         buf.mask[i, 0, 0, :n] = True
     q = torch.randn(3, 6, d)
-    out = SdpaBackend().decode(q, flat_k, flat_v, buf)
+    out = backend.decode(q, flat_k, flat_v, buf)
     for i, (p, n) in enumerate(zip(layouts, lengths)):
         k = kp[list(p)].flatten(0, 1)[:n]
         v = vp[list(p)].flatten(0, 1)[:n]
@@ -72,3 +87,13 @@ def test_backends_are_chosen_by_name_and_missing_extras_are_named() -> None:
         make_backend("magic")
     except BackendUnavailable as e:
         assert "sdpa" in str(e)
+
+
+def test_the_kernel_probe_names_a_kernel_for_every_call_shape() -> None:
+    """The start-up probe (run on CUDA by the engine) answers for each call shape; on this CPU PyTorch's CPU
+    flash kernel takes every shape with grouped key heads."""
+    kernels = probe_sdpa_kernels(torch.device("cpu"), torch.float32, heads=6, kv_heads=2, head_dim=8)
+    assert set(kernels) == set(CALL_SHAPES)
+    for choice in kernels.values():
+        assert choice.kernel in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+    assert all(c.kernel == "FLASH_ATTENTION" and not c.expand_kv for c in kernels.values())
