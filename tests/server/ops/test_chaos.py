@@ -14,7 +14,7 @@ def test_chaos_nothing_lost(demo_dir: Path, tmp_path: Path) -> None:
     cfg = parse_args(
         [
             "--duration",
-            "36",
+            "28",
             "--submit-every",
             "0.8",
             "--cancel-share",
