@@ -51,3 +51,29 @@ def test_sample_flow_with_constant_velocity_is_exact() -> None:
     v = torch.randn(8, 64)
     out = sample_flow(lambda i, x: v, x0, ts)
     assert torch.allclose(out, x0 - v * (ts[0] - ts[-1]), atol=1e-6)
+
+
+def test_sampled_tokens_are_the_gumbel_max_over_the_whole_vocabulary() -> None:
+    """Rows with a peaked distribution (decided among the top candidates), flat rows (the whole vocabulary
+    competes) and greedy rows in one batch: each is argmax(logits / T + its own noise), and the same alone."""
+    from irg_core.sampling import gumbel_noise, sample_tokens
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 5000
+    peaked = torch.randn(vocab, generator=g)
+    peaked[17] += 40.0
+    flat = torch.randn(vocab, generator=g)
+    logits = torch.stack([peaked, flat, flat, peaked])
+    temps, seeds, steps = [0.3, 0.3, 1.0, 0.0], [5, 6, 7, 8], [0, 3, 9, 1]
+    got = sample_tokens(logits, temps, seeds, steps).tolist()
+    for i, t in enumerate(temps):
+        want = (
+            int((logits[i] / t + gumbel_noise([seeds[i]], [steps[i]], vocab, logits.device)[0]).argmax())
+            if t > 0
+            else int(logits[i].argmax())
+        )
+        assert got[i] == want
+        assert sample_tokens(logits[i : i + 1], [t], [seeds[i]], [steps[i]]).tolist() == [want]
+    assert got[0] == got[3] == 17
+    tokens = {sample_tokens(flat[None], [1.0], [s], [0]).item() for s in range(20)}
+    assert len(tokens) > 10  # flat rows really are sampled
