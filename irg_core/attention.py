@@ -106,13 +106,12 @@ def gather_pages(pool: Tensor, pages: tuple[int, ...], length: int, meta: AttnMe
     return pool[index].flatten(0, 1)[:length]  # type: ignore[index]
 
 
-# The shapes of the engine's SDPA calls: (query rows, key rows, masked?) per sequence.
-CALL_SHAPES = {
-    "prefill (causal)": (16, 48, True),
-    "image block (bidirectional)": (16, 48, False),
-    "guidance branches (packed)": (16, 48, False),
-    "decode (one row per sequence)": (1, 48, True),
-}
+# The shapes of the engine's SDPA calls: (query rows, key rows, masked?) per sequence. A packed guidance
+# branch is the same call as an image block (its own sequence, no mask).
+CAUSAL = "prefill (causal)"
+BIDIRECTIONAL = "image blocks and guidance branches (bidirectional)"
+DECODE = "decode (one row per sequence)"
+CALL_SHAPES = {CAUSAL: (16, 48, True), BIDIRECTIONAL: (16, 48, False), DECODE: (1, 48, True)}
 FUSED_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
 
@@ -187,10 +186,7 @@ class SdpaBackend:
             if meta.causal and n > 1:  # query row i sees the past and new rows 0..i (bottom-right aligned)
                 rows = torch.arange(n, device=q.device)[:, None] + (length - n)
                 mask = torch.arange(length, device=q.device)[None, :] <= rows
-            expand = bool(self.expand_kv) and (
-                ("prefill (causal)" if mask is not None else "image block (bidirectional)") in self.expand_kv
-            )
-            o = _sdpa(qs, k, v, mask, expand)
+            o = _sdpa(qs, k, v, mask, (CAUSAL if mask is not None else BIDIRECTIONAL) in self.expand_kv)
             out[s.q_start : s.q_end] = o[0].transpose(0, 1)
         return out
 
@@ -198,7 +194,7 @@ class SdpaBackend:
         """q [B, H, D]; flat pools [slots, Hkv, D] -> [B, H, D], each row over its own valid key slots."""
         k = flat_k[buf.key_slots].transpose(1, 2)  # [B, Hkv, L, D]
         v = flat_v[buf.key_slots].transpose(1, 2)
-        o = _sdpa(q.unsqueeze(2), k, v, buf.mask, "decode (one row per sequence)" in self.expand_kv)
+        o = _sdpa(q.unsqueeze(2), k, v, buf.mask, DECODE in self.expand_kv)
         return o.squeeze(2)
 
 

@@ -40,13 +40,16 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def rows_linear(x: Tensor, weight: Tensor) -> Tensor:
+def rows_linear(x: Tensor, weight: Tensor, bias_col: Tensor | None = None) -> Tensor:
     """`F.linear` for the few rows of a decode step: computed as weight @ x^T, one pass of the BLAS over the
     weight whatever the number of rows. `F.linear` itself, with 2-16 rows, takes a path that is several times
     slower on some CPUs (MKL on an AVX2 EPYC: 3.3x the 1-row time at 4 rows for the vocabulary projection,
-    5x for gate/up; this form: 1.07x and 0.55x). The result is a transposed view. The decode step's other
-    projections use the same form inline (`Attention.decode`, `MLP.forward_fused`)."""
-    return torch.mm(weight, x.t()).t()
+    5x for gate/up; this form: 1.07x and 0.55x). The result is a transposed view. `bias_col` is the bias as a
+    column [out, 1]. `MLP.forward_fused` uses the same form inline, keeping its [features, rows] layout between
+    its two products."""
+    if bias_col is None:
+        return torch.mm(weight, x.t()).t()
+    return torch.addmm(bias_col, weight, x.t()).t()
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -250,7 +253,7 @@ class Attention(nn.Module):
         """The understanding expert over B decode rows (one token each); the same numerics as `forward`."""
         assert self.qkv_weight is not None and self.qk_norm_weight is not None
         b, h, hkv = x.shape[0], self.heads, self.kv_heads
-        qkv = torch.addmm(self.qkv_bias_col, self.qkv_weight, x.t()).t().reshape(b, h + 2 * hkv, self.head_dim)
+        qkv = rows_linear(x, self.qkv_weight, self.qkv_bias_col).reshape(b, h + 2 * hkv, self.head_dim)
         qk = rms_norm(qkv[:, : h + hkv], None, self.eps) * self.qk_norm_weight
         qk = apply_rope(qk, cos, sin_signed)
         flat_k.index_copy_(0, buf.slots, cast(bf16_round(qk[:, h:]), flat_k.dtype))
