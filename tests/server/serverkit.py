@@ -27,6 +27,27 @@ REDIS_URL = os.environ.get("IRG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SMALL = {"width": 64, "height": 64, "steps": 4, "thinking": {"max_tokens": 8}}  # a job of well under a second
 
 
+# The events of an IRG job (two rounds), runs of the same type collapsed (see `collapse`).
+IRG_ORDER = [
+    "queued",
+    "started",
+    "thinking.delta",
+    "thinking.done",
+    "image.progress",
+    "image.done",
+    "reflection.delta",
+    "reflection.done",
+    "image.progress",
+    "image.done",
+    "completed",
+]
+
+
+def collapse(types: list[str]) -> list[str]:
+    """Runs of the same event type as one (deltas and progress come many at a time)."""
+    return [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

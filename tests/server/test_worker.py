@@ -20,7 +20,7 @@ from server.queue.redis import RedisJobQueue, RedisWorkerQueue
 from server.schemas import GenerateRequest
 from server.settings import Settings
 from server.worker import Worker
-from tests.server.serverkit import FakeRunner, wait_until
+from tests.server.serverkit import IRG_ORDER, FakeRunner, collapse, wait_until
 
 
 def submit(queue: Any, settings: Settings, image_b64: bool = False, **request: Any) -> JobRecord:
@@ -50,11 +50,6 @@ def run_next(queue: Any, worker: Worker) -> JobRecord:
     return asyncio.run(queue.get(claim.job.id))
 
 
-def collapse(types: list[str]) -> list[str]:
-    """Runs of the same event type as one (deltas and progress come many at a time)."""
-    return [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
-
-
 @pytest.fixture
 def memq(settings: Settings) -> MemoryQueue:
     return MemoryQueue(settings)
@@ -67,19 +62,7 @@ def test_irg_job_publishes_every_stage_in_order(memq: MemoryQueue, settings: Set
     job = submit(memq, settings, width=64, height=48)
     done = run_next(memq, worker)
     got = events(memq, job.id)
-    assert collapse([t for t, _ in got]) == [
-        "queued",
-        "started",
-        "thinking.delta",
-        "thinking.done",
-        "image.progress",
-        "image.done",
-        "reflection.delta",
-        "reflection.done",
-        "image.progress",
-        "image.done",
-        "completed",
-    ]
+    assert collapse([t for t, _ in got]) == IRG_ORDER
     images = [d for t, d in got if t == "image.done"]
     assert [(d["round"], d["kind"], d["width"], d["height"]) for d in images] == [
         (1, "draft", 64, 48),

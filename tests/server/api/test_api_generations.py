@@ -8,26 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from tests.server.serverkit import SMALL, FakeRunner, read_stream, sse_events, wait_until
-
-
-def collapse(types: list[str]) -> list[str]:
-    return [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
-
-
-IRG_ORDER = [
-    "queued",
-    "started",
-    "thinking.delta",
-    "thinking.done",
-    "image.progress",
-    "image.done",
-    "reflection.delta",
-    "reflection.done",
-    "image.progress",
-    "image.done",
-    "completed",
-]
+from tests.server.serverkit import IRG_ORDER, SMALL, FakeRunner, collapse, read_stream, sse_events, wait_until
 
 
 def test_stream_true_yields_every_stage_in_order_and_valid_pngs(serve: Any) -> None:

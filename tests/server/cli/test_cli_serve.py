@@ -10,11 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.serverkit import REDIS_URL, REPO, free_port, python_cmd, read_stream, wait_until
-
-
-def collapse(types: list[str]) -> list[str]:
-    return [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]
+from tests.server.serverkit import (
+    IRG_ORDER,
+    REDIS_URL,
+    REPO,
+    collapse,
+    free_port,
+    python_cmd,
+    read_stream,
+    wait_until,
+)
 
 
 def test_serve_runs_the_whole_flow_on_the_demo_model(demo_dir: Path, tmp_path: Path) -> None:
@@ -47,19 +52,7 @@ def test_serve_runs_the_whole_flow_on_the_demo_model(demo_dir: Path, tmp_path: P
                     "stream": True,
                 },
             )
-            assert collapse([e["event"] for e in events]) == [
-                "queued",
-                "started",
-                "thinking.delta",
-                "thinking.done",
-                "image.progress",
-                "image.done",
-                "reflection.delta",
-                "reflection.done",
-                "image.progress",
-                "image.done",
-                "completed",
-            ]
+            assert collapse([e["event"] for e in events]) == IRG_ORDER
             assert events[-1]["data"]["status"] == "succeeded"
             metrics = c.get("/metrics").text
             for name in (
