@@ -95,10 +95,12 @@ def wait_for(check: Any, timeout: float, what: str, interval: float = 0.1) -> An
 
 
 class RedisServer:
-    """A redis-server of this run: AOF on, in its own directory, stopped (SIGTERM) and started again at will."""
+    """A redis-server of this run: AOF on, in its own directory, stopped (SIGTERM) and started again at will.
+    (The Redis tests use it too, with `fsync="always"`.)"""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, fsync: str = "everysec", timeout: float = 20.0):
         self.port, self.dir = free_port(), workdir
+        self.fsync, self.timeout = fsync, timeout  # seconds to start, and to stop
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -116,7 +118,7 @@ class RedisServer:
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "everysec",
+                self.fsync,
                 "--save",
                 "",
                 "--protected-mode",
@@ -132,12 +134,12 @@ class RedisServer:
             except redis.exceptions.RedisError:
                 return False
 
-        wait_for(pings, 20, "redis-server answers")
+        wait_for(pings, self.timeout, "redis-server answers")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
+            self.proc.wait(self.timeout)
 
 
 class Processes:

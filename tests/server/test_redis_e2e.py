@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.chaos import RedisServer
 from server.api.main import create_app
 from server.settings import Settings
 from tests.server.serverkit import REPO, LiveServer, free_port, python_cmd, read_stream, sse_events, wait_until
@@ -123,42 +123,11 @@ def test_kill_9_of_the_busy_worker_the_job_still_succeeds(redis_settings: Settin
         assert "recovered 1 job" in pool.log(survivor) or "recovered 1 job" in pool.log(killed)
 
 
-class OwnRedis:
+class OwnRedis(RedisServer):
     """A redis-server of this test only (AOF on, fsync always), that the test may stop and restart."""
 
     def __init__(self, workdir: Path):
-        self.port, self.dir = free_port(), workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.dir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--protected-mode",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_until(lambda: _pings(self.url), timeout=10)
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(10)
+        super().__init__(workdir, fsync="always", timeout=10)
 
 
 def _pings(url: str) -> bool:
