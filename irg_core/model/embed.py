@@ -22,6 +22,16 @@ def sincos_table(hidden: int, grid: int) -> Tensor:
     return table.float()
 
 
+def table_embedding(rows: int, hidden: int) -> nn.Embedding:
+    """An `nn.Embedding` whose weight is left uninitialised: the checkpoint fills it.
+
+    `nn.Embedding`'s own init draws a normal on the meta device, where PyTorch routes it through a Python
+    decomposition that imports `torch._dynamo` (about 1 s, once per process): a cost every `irg` command
+    paid for a value it overwrites.
+    """
+    return nn.Embedding(rows, hidden, _weight=torch.empty(rows, hidden))
+
+
 class PositionEmbedding(nn.Module):
     """A checkpoint-stored sin-cos table indexed by flattened 2-D position ids."""
 

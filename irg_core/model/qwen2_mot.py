@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from irg_core.attention import AttnMeta, DecodeBuffers, SdpaBackend
 from irg_core.config import LLMConfig
+from irg_core.model.embed import table_embedding
 
 
 def bf16_round(x: Tensor) -> Tensor:
@@ -312,7 +313,7 @@ class DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = table_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from irg_core.config import ViTConfig
+from irg_core.model.embed import table_embedding
 from irg_core.model.qwen2_mot import bf16_round
 
 
@@ -60,7 +61,7 @@ class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.patch_embedding = nn.Linear(cfg.num_channels * cfg.patch_size**2, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+        self.position_embedding = table_embedding(cfg.num_positions, cfg.hidden_size)
 
 
 class SiglipEncoder(nn.Module):

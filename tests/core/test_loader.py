@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from irg_core.checkpoint import expected_bagel
 from irg_core.config import BagelConfig
 from irg_core.errors import CheckpointError, ConfigError, ModelError, TokenizerError
 from irg_core.loader import build_dummy, load_model
+from tests.conftest import REPO
 
 FULL = Path(__file__).resolve().parents[2] / "irg_core" / "data" / "bagel_7b_mot.json"
 
@@ -128,3 +131,20 @@ def test_position_grids_follow_the_checkpoint(model_copy: Path) -> None:
     _rewrite(ema, lambda t: t.__setitem__("latent_pos_embed.pos_embed", sincos_table(64, 64)[:1024].bfloat16()))
     with pytest.raises(CheckpointError, match=r"latent_pos_embed.pos_embed has shape \[1024, 64\]"):
         load_model(model_copy, device="cpu")
+
+
+def test_building_and_loading_does_not_import_dynamo(golden_dir: Path) -> None:
+    """Module init on the meta device must not reach PyTorch's Python decompositions, which import
+    `torch._dynamo` (about a second of every `irg` command's start-up); checked in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from irg_core.checkpoint import expected_bagel\n"
+        "from irg_core.config import BagelConfig\n"
+        "from irg_core.loader import load_model\n"
+        f"load_model({str(golden_dir / 'model')!r}, device='cpu')\n"
+        "import json, pathlib\n"
+        f"expected_bagel(BagelConfig.from_dict(json.loads(pathlib.Path({str(FULL)!r}).read_text())))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr
