@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.cli.test_generate import irg, irg_on_path  # noqa: F401  (the fixture)
+from tests.cli.test_generate import irg, irg_here, irg_on_path  # noqa: F401  (the fixture)
 from tests.conftest import SHARED
 
 MODES = SHARED / "golden" / "tiny_bagel_modes"
@@ -48,8 +48,9 @@ def test_edit_refuses_a_size_and_bad_images(irg_on_path, golden_dir: Path, tmp_p
         (["understand", "What?", "--image", str(gif)], "GIF"),
         (["understand", "What?", "--image", str(MODES / "input.png"), "--max-tokens", "0"], "max_tokens"),
     ]
-    for args, words in cases:
-        p = irg(irg_on_path, *args, "--model-dir", model, "--out", str(tmp_path / "out"))
+    for i, (args, words) in enumerate(cases):
+        run = (lambda *a: irg(irg_on_path, *a)) if i == 0 else irg_here
+        p = run(*args, "--model-dir", model, "--out", str(tmp_path / "out"))
         assert p.returncode == 2, (args, p.stderr)
         assert "Traceback" not in p.stderr and words in p.stderr, p.stderr
 
