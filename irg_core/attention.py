@@ -230,6 +230,19 @@ BACKENDS = ("sdpa", "varlen", "flash", "xformers")
 _EXTRAS = {"flash": ("flash_attn", "flash-attn 2", ".[flash]"), "xformers": ("xformers", "xformers", ".[xformers]")}
 
 
+def _kernels_not_loaded(module: str) -> str | None:
+    """Why an installed package's compiled kernels did not load, or None. xformers imports without them when
+    its wheel was built for another torch (it only logs a warning; every attention call then fails);
+    flash-attn fails at import instead, which `make_backend` reports as it is."""
+    if module != "xformers":
+        return None
+    xformers = __import__(module)
+    if getattr(xformers, "_has_cpp_library", True):
+        return None
+    problem = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
+    return " ".join(str(problem).split()) if problem is not None else "xformers._has_cpp_library is False"
+
+
 class BackendUnavailable(RuntimeError):
     """An attention backend was asked for that this installation cannot run."""
 
@@ -252,6 +265,12 @@ def make_backend(name: str) -> SdpaBackend:
         raise BackendUnavailable(
             f"attention backend {name!r} needs {what}: pip install {extra} (import {module} failed: {e})"
         ) from e
+    unloaded = _kernels_not_loaded(module)
+    if unloaded is not None:
+        raise BackendUnavailable(
+            f"attention backend {name!r} needs {what} built for torch {torch.__version__}: pip install {extra} "
+            f"(the installed {module} imports, but its kernels do not load: {unloaded})"
+        )
     raise BackendUnavailable(
         f"attention backend {name!r}: {what} is installed, but this build has no tested "
         f"kernel path for it yet (see docs/engine.md); use --attention sdpa or varlen"

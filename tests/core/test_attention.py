@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -87,6 +89,23 @@ def test_backends_are_chosen_by_name_and_missing_extras_are_named() -> None:
         make_backend("magic")
     except BackendUnavailable as e:
         assert "sdpa" in str(e)
+
+
+def test_an_xformers_built_for_another_torch_is_refused_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """xformers imports without its kernels when its wheel was built for another torch (the registry's 0.0.35
+    is built for torch 2.10 + CUDA 12.8): it only logs a warning, so the backend checks and says so."""
+    fake = types.ModuleType("xformers")
+    fake._has_cpp_library = False
+    fake._cpp_lib = types.ModuleType("xformers._cpp_lib")
+    fake._cpp_lib._cpp_library_load_exception = RuntimeError("xFormers was built for:\n    PyTorch 2.10.0+cu128")
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    with pytest.raises(BackendUnavailable) as e:
+        make_backend("xformers")
+    assert str(e.value) == (
+        f"attention backend 'xformers' needs xformers built for torch {torch.__version__}: pip install "
+        ".[xformers] (the installed xformers imports, but its kernels do not load: xFormers was built for: "
+        "PyTorch 2.10.0+cu128)"
+    )
 
 
 def test_the_kernel_probe_names_a_kernel_for_every_call_shape() -> None:
