@@ -94,9 +94,9 @@ def test_kill_9_of_the_busy_worker_the_job_still_succeeds(redis_settings: Settin
         wait_until(lambda: ready_workers(c) == 2, timeout=60)
         body = {
             "prompt": "a lighthouse in a storm",
-            "width": 384,
-            "height": 384,
-            "steps": 30,
+            "width": 256,
+            "height": 256,
+            "steps": 16,
             "thinking": {"max_tokens": 64},
             "stream": True,
         }
