@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from irg_core.errors import Cancelled, ModelError
 from irg_core.params import ParamError
-from server.settings import SettingsError
 
 
 class CommandError(Exception):
@@ -12,7 +13,12 @@ class CommandError(Exception):
 
 
 def expected_error(e: BaseException) -> str | None:
-    if isinstance(e, (ModelError, ParamError, CommandError, SettingsError)):
+    if isinstance(e, (ModelError, ParamError, CommandError)):
+        return str(e)
+    # server.settings (pydantic) is imported only by the commands that read settings; a SettingsError can only
+    # come from one of them, and `irg generate` / `bench` / `understand` run where pydantic is not installed
+    settings = sys.modules.get("server.settings")
+    if settings is not None and isinstance(e, settings.SettingsError):
         return str(e)
     if isinstance(e, Cancelled):
         return "cancelled"
