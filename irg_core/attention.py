@@ -20,6 +20,7 @@ Backends are chosen when the engine is built (`make_backend`), never process-wid
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -198,6 +199,9 @@ class SdpaBackend:
         return o.squeeze(2)
 
 
+VARLEN_PARAMETERS = frozenset({"block_table", "seqused_k", "enable_gqa", "window_size"})  # what `packed` passes
+
+
 class VarlenBackend(SdpaBackend):
     name = "varlen"
 
@@ -205,6 +209,9 @@ class VarlenBackend(SdpaBackend):
         super().__init__()
         from torch.nn.attention.varlen import varlen_attn  # fails at start when this torch lacks it
 
+        missing = VARLEN_PARAMETERS - set(inspect.signature(varlen_attn).parameters)
+        if missing:  # earlier releases had varlen_attn without paged keys or grouped heads
+            raise ImportError(f"torch {torch.__version__}'s varlen_attn lacks {', '.join(sorted(missing))}")
         self._varlen = varlen_attn
 
     def packed(self, q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: AttnMeta) -> Tensor:

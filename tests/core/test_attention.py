@@ -116,3 +116,18 @@ def test_the_kernel_probe_names_a_kernel_for_every_call_shape() -> None:
     for choice in kernels.values():
         assert choice.kernel in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
     assert all(c.kernel == "FLASH_ATTENTION" and not c.expand_kv for c in kernels.values())
+
+
+def test_varlen_needs_a_torch_whose_varlen_attn_takes_paged_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.13's varlen_attn takes a block table and grouped heads; an earlier one (the GPU machines here
+    carry torch 2.11) may not: the backend is refused at start instead of failing in the first forward."""
+    import torch.nn.attention.varlen as varlen
+
+    assert make_backend("varlen").name == "varlen"
+
+    def older(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):  # noqa: ANN001
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(varlen, "varlen_attn", older)
+    with pytest.raises(BackendUnavailable, match="varlen_attn lacks block_table, enable_gqa, seqused_k, window_size"):
+        make_backend("varlen")
