@@ -236,8 +236,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = engine.cfg
     print(
         f"irg bench: mode {params.mode}, {params.width}x{params.height}, {params.steps} timesteps "
-        f"({params.steps - 1} evaluations), {params.max_think_tokens}-token thoughts, "
-        f"best of {len(results)}"
+        f"({params.steps - 1} evaluations), "
+        + (f"{params.max_think_tokens}-token thoughts, " if params.mode != "direct" else "")
+        + f"best of {len(results)}"
     )
     print(
         f"model: hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers} layers, device {engine.device}, "
