@@ -99,6 +99,7 @@ class Engine:
         kv_cache_bytes: int | None = None,
         attention: str = "sdpa",
         cuda_graphs: bool = True,
+        compile_decode: bool = False,
     ):
         self.model, self.vae, self.tok = loaded.model, loaded.vae, loaded.tokenizer
         self.cfg = loaded.cfg
@@ -129,7 +130,8 @@ class Engine:
             if self.tok is not None
             else None
         )
-        self.decoder = DecodeRunner(self, cuda_graphs=cuda_graphs and self.device.type == "cuda")
+        graphs = cuda_graphs and self.device.type == "cuda"
+        self.decoder = DecodeRunner(self, cuda_graphs=graphs, compiled=compile_decode)
         self._denoise_cache: tuple[tuple, _Packed] | None = None
         self._latent_rgb: LatentRGB | None = None  # the fast preview map, fitted on first use
 
@@ -499,11 +501,18 @@ class DecodeRunner:
     buffers (one small copy), then runs `LanguageModel.decode_step` — eagerly, or as a replayed CUDA graph
     captured on the bucket's first use. Key slots are rebuilt only when the rows change or outgrow the
     bucket's capacity (a multiple of the page size), not per token.
+
+    `compiled` (opt-in): the step goes through `torch.compile` (whole graph, Inductor) first, and the CUDA
+    graph, where there is one, captures the compiled step. The first step of a new shape compiles (tens of
+    seconds); after a shape changes once, the compiled step is re-traced with dynamic sizes.
     """
 
-    def __init__(self, engine: Engine, cuda_graphs: bool):
+    def __init__(self, engine: Engine, cuda_graphs: bool, compiled: bool = False):
         self.e = engine
         self.cuda_graphs = cuda_graphs
+        self.compiled = compiled
+        step = engine.model.language_model.decode_step
+        self._step = torch.compile(step, fullgraph=True) if compiled else step
         self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
         self._graphs: dict[tuple[int, int], tuple[object, Tensor]] = {}
         self._rows: tuple[int, ...] = ()
@@ -569,9 +578,8 @@ class DecodeRunner:
         buf.key_slots.copy_(table.to(self.e.device))
 
     def _logits(self, key: tuple[int, int], buf: DecodeBuffers) -> Tensor:
-        lm = self.e.model.language_model
         if not self.cuda_graphs:
-            return lm.decode_step(buf, self.e.rope, self.e._flat_kv, self.e.backend)
+            return self._step(buf, self.e.rope, self.e._flat_kv, self.e.backend)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(buf)
@@ -581,15 +589,15 @@ class DecodeRunner:
 
     def _capture(self, buf: DecodeBuffers) -> tuple[object, Tensor]:
         """Capture the decode step on the bucket's buffers (after a warm-up run on a side stream)."""
-        e, lm = self.e, self.e.model.language_model
+        e = self.e
         stream = torch.cuda.Stream(e.device)
         stream.wait_stream(torch.cuda.current_stream(e.device))
         with torch.cuda.stream(stream):
-            lm.decode_step(buf, e.rope, e._flat_kv, e.backend)
+            self._step(buf, e.rope, e._flat_kv, e.backend)  # compiles here when compiled
         torch.cuda.current_stream(e.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = lm.decode_step(buf, e.rope, e._flat_kv, e.backend)
+            out = self._step(buf, e.rope, e._flat_kv, e.backend)
         self.captured += 1
         return graph, out
 

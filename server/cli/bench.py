@@ -244,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
         f"model: hidden {cfg.llm.hidden_size} x {cfg.llm.num_hidden_layers} layers, device {engine.device}, "
         f"dtype {str(engine.dtype).removeprefix('torch.')}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, attention {engine.backend.name}"
+        + (", CUDA-graph decode" if engine.decoder.cuda_graphs else "")
+        + (", compiled decode" if engine.decoder.compiled else "")
     )
     print(format_table(rows, best.total_seconds, best.peak_memory_bytes))
     tokens = sum(r["tokens"] for r in rows)
@@ -259,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
         "peak_memory_bytes": best.peak_memory_bytes,
         "config": cfg.to_dict(),
         "attention": engine.backend.name,
+        "cuda_graphs": engine.decoder.cuda_graphs,
+        "compiled_decode": engine.decoder.compiled,
         "trajectories_per_minute": 60.0 / best.total_seconds,
         "decode_tokens_per_second": tokens / decode_s if decode_s else 0.0,
     }

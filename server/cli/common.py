@@ -43,6 +43,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="attention backend (default: $IRG_ATTENTION or sdpa; flash and xformers need their extras)",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly on CUDA")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=os.environ.get("IRG_COMPILE", "").lower() in ("1", "true", "yes"),
+        help="compile the decode step with torch.compile (default: $IRG_COMPILE; the first step of each new "
+        "shape compiles, tens of seconds; needs a C++ compiler on the CPU)",
+    )
 
 
 def show_weights_log() -> None:
@@ -131,7 +138,12 @@ def open_engine(args: argparse.Namespace) -> Engine:
     else:
         loaded = load_model(args.model_dir or ensure_demo(), args.device, dtype)
     try:
-        engine = Engine(loaded, attention=args.attention, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+        engine = Engine(
+            loaded,
+            attention=args.attention,
+            cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+            compile_decode=getattr(args, "compile", False),
+        )
     except (BackendUnavailable, ValueError) as e:
         raise CommandError(str(e)) from e
     log_attention_kernels(engine)

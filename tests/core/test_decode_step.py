@@ -119,3 +119,22 @@ def test_rows_linear_is_the_linear_layer(rows: int) -> None:
     x, w = torch.randn(rows, 64, generator=g), torch.randn(96, 64, generator=g)
     torch.testing.assert_close(rows_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert rows_linear(x, w).shape == (rows, 96)
+
+
+def test_the_compiled_step_gives_the_eager_tokens(golden_dir: Path) -> None:
+    """`compile_decode` (opt-in, `irg ... --compile`): the decode step through torch.compile (whole graph,
+    Inductor) gives the eager step's greedy tokens, alone and with a second sequence beside it."""
+    loaded = load_model(golden_dir / "model", device="cpu")
+    eager, compiled = Engine(loaded, page_size=16), Engine(loaded, page_size=16, compile_decode=True)
+    assert compiled.decoder.compiled and not eager.decoder.compiled
+
+    def run(e: Engine) -> list[list[int]]:
+        ctxs = [e.prefill_text(EMPTY, e.tok.frame(p)) for p in ("A red fox.", "A lighthouse at dusk, waves below.")]
+        alone = e.decode(ctxs[0], 6, ignore_eos=True)
+        seqs = [Decoding(c, 6) for c in ctxs]
+        together = [[t for (t, _) in e.run_decode([DecodeStep(s) for s in seqs])] for _ in range(6)]
+        for s in seqs:
+            e.free_decoding(s)
+        return [alone, *map(list, zip(*together))]
+
+    assert run(compiled) == run(eager)
