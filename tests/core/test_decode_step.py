@@ -121,6 +121,7 @@ def test_rows_linear_is_the_linear_layer(rows: int) -> None:
     assert rows_linear(x, w).shape == (rows, 96)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own imports
 def test_the_compiled_step_gives_the_eager_tokens(golden_dir: Path) -> None:
     """`compile_decode` (opt-in, `irg ... --compile`): the decode step through torch.compile (whole graph,
     Inductor) gives the eager step's greedy tokens, alone and with a second sequence beside it."""
