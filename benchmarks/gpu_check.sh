@@ -22,8 +22,9 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/irg-out}; mkdir -p "$OUT"
 part=${1:-engine}
 log="$OUT/$part.log"; rec=$(mktemp -d)
-say() { echo "== $*" | tee -a "$log"; }
-merge() {  # every JSON under $rec, by file name, into $OUT/$part.json
+step() {  # step TITLE COMMAND...: run COMMAND, its output into the log, then merge every JSON record written
+  echo "== $1" | tee -a "$log"; shift      # under $rec so far, by file name, into $OUT/$part.json
+  "$@" 2>&1 | tee -a "$log"
   python3 -c 'import json, pathlib, sys; d = pathlib.Path(sys.argv[1]); json.dump({p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}, open(sys.argv[2], "w"), indent=1)' "$rec" "$OUT/$part.json"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
@@ -33,48 +34,31 @@ if [ "$part" = official ]; then
   c=.carry_official
   site=$(mktemp -d)  # transformers 4.49 for the official code only; ours keeps the machine's own
   python3 -m pip install -q --no-deps --no-index --target "$site" "$c"/whl/*.whl 2>&1 | tee -a "$log"
-  say "official code: bench_official.py"
-  PYTHONPATH="$site" python3 "$c/bench_official.py" --bagel-src "$c/bagel_src" --tokenizer-dir "$c/tok" \
-    --case "$c/tok/case.json" --mode both --dispatch none --resolution 1024 --timesteps 50 --think-tokens 256 \
-    --ceilings --out "$rec/official_bench.json" 2>&1 | tee -a "$log"
-  merge
+  step "official code: bench_official.py" env PYTHONPATH="$site" python3 "$c/bench_official.py" \
+    --bagel-src "$c/bagel_src" --tokenizer-dir "$c/tok" --case "$c/tok/case.json" --mode both --dispatch none \
+    --resolution 1024 --timesteps 50 --think-tokens 256 --ceilings --out "$rec/official_bench.json"
   full="--dummy-weights irg_core/data/bagel_7b_mot.json --tokenizer-dir $c/tok --device cuda"
-  say "ours: irg bench, irg"
-  python3 -m server.cli bench $full --mode irg --width 1024 --height 1024 --steps 50 --max-think-tokens 256 \
-    --json "$rec/ours_irg.json" 2>&1 | tee -a "$log"
-  merge
-  say "ours: irg bench, direct"
-  python3 -m server.cli bench $full --mode direct --width 1024 --height 1024 --steps 50 \
-    --json "$rec/ours_direct.json" 2>&1 | tee -a "$log"
-  merge
-  say "official vs ours"
-  python3 benchmarks/compare_official.py "$rec/official_bench.json" "$rec/ours_irg.json" "$rec/ours_direct.json" \
-    2>&1 | tee -a "$log"
+  step "ours: irg bench, irg" python3 -m server.cli bench $full --mode irg --width 1024 --height 1024 --steps 50 \
+    --max-think-tokens 256 --json "$rec/ours_irg.json"
+  step "ours: irg bench, direct" python3 -m server.cli bench $full --mode direct --width 1024 --height 1024 \
+    --steps 50 --json "$rec/ours_direct.json"
+  step "official vs ours" python3 benchmarks/compare_official.py "$rec/official_bench.json" "$rec/ours_irg.json" \
+    "$rec/ours_direct.json"
   exit 0
 fi
 export IRG_GOLDEN_MODEL=$PWD/.carry/golden/model
-say "pytest -m gpu tests/gpu"
-python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rs -s 2>&1 | tee -a "$log"
+step "pytest -m gpu tests/gpu" python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rs -s
 bin=$(mktemp -d); printf '#!/bin/sh\nexec python3 -m server.cli "$@" --device cuda\n' > "$bin/irg"; chmod +x "$bin/irg"
-say "golden trajectory on CUDA"
-PATH="$bin:$PATH" python3 .carry/golden_check.py .carry/golden 2>&1 | tee -a "$log"
-say "decode step: graph vs eager, ms/token"
-OUT="$rec" python3 benchmarks/gpu_decode.py .carry/golden 2>&1 | tee -a "$log"
-merge
+step "golden trajectory on CUDA" env PATH="$bin:$PATH" python3 .carry/golden_check.py .carry/golden
+step "decode step: graph vs eager, ms/token" env OUT="$rec" python3 benchmarks/gpu_decode.py .carry/golden
 full="--dummy-weights irg_core/data/bagel_7b_mot.json --tokenizer-dir .carry/golden/model --device cuda"
 for attn in sdpa varlen; do
-  say "irg bench, irg, $attn"
-  python3 -m server.cli bench $full --attention $attn --mode irg --width 1024 --height 1024 --steps 50 \
-    --max-think-tokens 256 --json "$rec/bench_irg_$attn.json" 2>&1 | tee -a "$log"
-  merge
-  say "irg bench, direct, $attn"
-  python3 -m server.cli bench $full --attention $attn --mode direct --width 1024 --height 1024 --steps 50 \
-    --json "$rec/bench_direct_$attn.json" 2>&1 | tee -a "$log"
-  merge
+  step "irg bench, irg, $attn" python3 -m server.cli bench $full --attention $attn --mode irg --width 1024 \
+    --height 1024 --steps 50 --max-think-tokens 256 --json "$rec/bench_irg_$attn.json"
+  step "irg bench, direct, $attn" python3 -m server.cli bench $full --attention $attn --mode direct --width 1024 \
+    --height 1024 --steps 50 --json "$rec/bench_direct_$attn.json"
 done
 for n in 4 8; do
-  say "irg bench, concurrency $n"
-  python3 -m server.cli bench $full --mode irg --width 512 --height 512 --steps 20 --max-think-tokens 64 \
-    --concurrency $n --no-warmup --json "$rec/bench_concurrency_$n.json" 2>&1 | tee -a "$log"
-  merge
+  step "irg bench, concurrency $n" python3 -m server.cli bench $full --mode irg --width 512 --height 512 \
+    --steps 20 --max-think-tokens 64 --concurrency $n --no-warmup --json "$rec/bench_concurrency_$n.json"
 done

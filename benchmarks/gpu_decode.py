@@ -25,8 +25,8 @@ from irg_core.steps import DecodeStep, Decoding
 from irg_core.tokenizer import Tokenizer
 
 
-def empty_cache(device: str) -> None:
-    if device.startswith("cuda"):
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -73,11 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    device = torch.device(args.device)
     golden, out = args.golden, Path(os.environ.get("OUT", "/tmp/irg-out"))
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, object] = {}
     prompt = json.loads((golden / "case.json").read_text())["prompt"]
-    loaded = load_model(golden / "model", args.device, torch.bfloat16)
+    loaded = load_model(golden / "model", device, torch.bfloat16)
     eager = greedy(Engine(loaded, cuda_graphs=False, kv_cache_bytes=2**28), prompt, 48)
     graphed_engine = Engine(loaded, cuda_graphs=True, kv_cache_bytes=2**28)
     graphed = greedy(graphed_engine, prompt, 48)
@@ -88,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         f"({graphed_engine.decoder.captured} graph(s) captured)"
     )
     del loaded, graphed_engine
-    empty_cache(args.device)
+    empty_cache(device)
 
     cfg = BagelConfig.from_dict(json.loads(args.full.read_text()))
-    full = build_dummy(cfg, args.device, torch.bfloat16, tokenizer=Tokenizer.from_dir(golden / "model"))
+    full = build_dummy(cfg, device, torch.bfloat16, tokenizer=Tokenizer.from_dir(golden / "model"))
     record["config"] = args.full.name
     print(f"{'backend':<8} {'graphs':<6} {'batch':>5} {'ms/step':>8} {'tok/s':>8}")
-    for graphs in (True, False) if args.device.startswith("cuda") else (False,):  # graphs exist on CUDA only
+    for graphs in (True, False) if device.type == "cuda" else (False,):  # graphs exist on CUDA only
         engine = Engine(full, cuda_graphs=graphs, kv_cache_bytes=int(args.kv_gb * 2**30))
         rates = {}
         for batch in (1, 8):
@@ -104,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'sdpa':<8} {str(graphs):<6} {batch:>5} {1000 * per_step:>8.2f} {batch / per_step:>8.1f}")
         record[f"batch8_speedup_{'graph' if graphs else 'eager'}"] = rates[8] / rates[1]
         del engine
-        empty_cache(args.device)
+        empty_cache(device)
     (out / "decode.json").write_text(json.dumps(record, indent=2))
-    captured_ok = record["graphs_captured"] > 0 or not args.device.startswith("cuda")  # type: ignore[operator]
+    captured_ok = record["graphs_captured"] > 0 or device.type != "cuda"  # type: ignore[operator]
     return 0 if record["graph_equals_eager"] and captured_ok else 1
 
 
